@@ -1,0 +1,8 @@
+"""glm-jax: the GLM-4.5 Mixture-of-Experts LLM in JAX / Flax NNX."""
+
+from glm_jax.config import ConfigError, ModelConfig
+from glm_jax.convert import CheckpointError, load_hf, save_hf
+from glm_jax.model import GlmMoeModel, ModelOutput, MoeStats, RouterBias
+
+__all__ = ["CheckpointError", "ConfigError", "GlmMoeModel", "ModelConfig", "ModelOutput",
+           "MoeStats", "RouterBias", "load_hf", "save_hf"]

@@ -1,0 +1,308 @@
+"""Hugging Face GLM-4.5 safetensors checkpoints <-> GlmMoeModel.
+
+The Hub layout: one tensor per expert (`model.layers.N.mlp.experts.M.gate_proj.weight`), torch
+`[out, in]` weights, the MTP layer at `model.layers.{num_hidden_layers}.*`, files sharded with a
+`model.safetensors.index.json`. Ours: `[in, out]` kernels, experts and layers stacked. Loading
+streams tensor by tensor from memory-mapped files straight into each parameter's sharding, so
+the checkpoint never sits in host memory twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glm_jax.config import ModelConfig
+from glm_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
+from glm_jax.model import GlmMoeModel
+
+INDEX_FILE = "model.safetensors.index.json"
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
+               "e_score_correction_bias": "e_score_correction_bias"}
+_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model its config.json describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """How one parameter of ours is assembled from Hub tensors."""
+    path: tuple[str, ...]  # our flat-state path
+    lead: tuple[int, ...]  # stacked axes (layers, experts) in front of each Hub tensor's axes
+    key: Callable[[tuple[int, ...]], str]  # index into the stacked axes -> Hub tensor name
+    transpose: bool  # Hub stores this tensor transposed ([out, in])
+
+    def keys(self):
+        for index in np.ndindex(*self.lead):
+            yield self.key(index)
+
+
+def _plan(config: ModelConfig, flat_state) -> list[tuple[_Tensor, jax.ShapeDtypeStruct]]:
+    plans = []
+    for path, variable in flat_state:
+        path = tuple(str(p) for p in path)
+        plans.append((_tensor_plan(config, path), variable))
+    return plans
+
+
+def _tensor_plan(config: ModelConfig, path: tuple[str, ...]) -> _Tensor:
+    head, rest = path[0], path[1:]
+    k, last = config.first_k_dense_replace, config.num_hidden_layers
+    if head == "embed_tokens":
+        return _Tensor(path, (), lambda i: "model.embed_tokens.weight", False)
+    if head == "norm":
+        return _Tensor(path, (), lambda i: "model.norm.weight", False)
+    if head == "lm_head":
+        return _Tensor(path, (), lambda i: "lm_head.weight", True)
+    if head == "dense_layers":
+        return _layer_plan(path, rest, (config.first_k_dense_replace,), lambda i: i)
+    if head == "moe_layers":
+        return _layer_plan(path, rest, (config.num_moe_layers,), lambda i: k + i)
+    if head == "mtp":
+        rest = rest[1:] if rest[0] == "layer" else rest  # the MTP block shares the layer prefix
+        return _layer_plan(path, rest, (), lambda i: last)
+    raise AssertionError(f"no Hub name for parameter {'.'.join(path)}")
+
+
+def _layer_plan(path, rest, lead, layer_of) -> _Tensor:
+    """Parameters under `model.layers.N.`; routed experts add an expert axis."""
+    if rest[-2:-1] == ("experts",) and rest[-1] in _EXPERT_WEIGHTS:
+        stem = ".".join(rest[:-1])
+        n_experts = None  # filled from the variable's shape by _with_experts
+        return _Tensor(path, lead + (n_experts,), _expert_key(stem, rest[-1], layer_of, lead),
+                       True)
+    name = ".".join(rest[:-1] + (_LEAF_NAMES[rest[-1]],))
+    if lead:
+        return _Tensor(path, lead, lambda i: f"model.layers.{layer_of(i[0])}.{name}",
+                       rest[-1] == "kernel")
+    return _Tensor(path, lead, lambda i: f"model.layers.{layer_of(0)}.{name}", rest[-1] == "kernel")
+
+
+def _expert_key(stem, weight, layer_of, lead):
+    if lead:
+        return lambda i: f"model.layers.{layer_of(i[0])}.{stem}.{i[1]}.{weight}.weight"
+    return lambda i: f"model.layers.{layer_of(0)}.{stem}.{i[0]}.{weight}.weight"
+
+
+def _resolve(plan: _Tensor, shape) -> tuple[_Tensor, tuple[int, ...]]:
+    """Fills the expert-axis size from the parameter's shape; returns the Hub tensor shape."""
+    lead = tuple(shape[i] if n is None else n for i, n in enumerate(plan.lead))
+    plan = dataclasses.replace(plan, lead=lead)
+    inner = tuple(shape[len(lead):])
+    return plan, (inner[::-1] if plan.transpose else inner)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    else:
+        names = sorted(p.name for p in path.glob("*.safetensors"))
+    if not names:
+        raise CheckpointError(f"{path}: no *.safetensors files found")
+    tensors: dict[str, SafetensorsFile] = {}
+    for name in names:
+        file = SafetensorsFile(path / name)
+        for key in file.keys():
+            if key in tensors:
+                raise CheckpointError(f"{path}: tensor {key} is in both {tensors[key].path.name} "
+                                      f"and {name}")
+            tensors[key] = file
+    return tensors
+
+
+def _ignorable(key: str, file: SafetensorsFile, config: ModelConfig) -> bool:
+    """Hub tensors that carry nothing for us: rotary caches, zero-size shared experts."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return True
+    return (config.n_shared_experts == 0 and ".mlp.shared_experts." in key
+            and 0 in file.shape(key))
+
+
+def _mtp_fallbacks(plans, tensors, config: ModelConfig):
+    """GLM-4.6-style checkpoints omit the MTP layer's own embedding and output head (it reuses
+    the main model's, vLLM issue #25993): read those two from the main tensors instead."""
+    last = config.num_hidden_layers
+    fallbacks = {f"model.layers.{last}.embed_tokens.weight": "model.embed_tokens.weight",
+                 f"model.layers.{last}.shared_head.head.weight": "lm_head.weight"}
+    out = []
+    for plan, shape in plans:
+        key = plan.key(()) if not plan.lead else None
+        if key in fallbacks and key not in tensors:
+            plan = dataclasses.replace(plan, key=lambda i, k=fallbacks[key]: k)
+        out.append((plan, shape))
+    return out
+
+
+def _check(plans, tensors: dict[str, SafetensorsFile], config: ModelConfig, path: Path):
+    expected: dict[str, tuple[int, ...]] = {}
+    for plan, shape in plans:
+        for key in plan.keys():
+            expected[key] = shape
+    missing = [k for k in expected if k not in tensors]
+    misshaped = [f"{k}: checkpoint {tensors[k].shape(k)}, model expects {expected[k]}"
+                 for k in expected if k in tensors and tensors[k].shape(k) != expected[k]]
+    unexpected = [k for k in tensors if k not in expected and not _ignorable(k, tensors[k], config)]
+    if missing or misshaped or unexpected:
+        lines = [f"{path}: checkpoint does not match its config.json"]
+        lines += [f"  missing: {k}" for k in sorted(missing, key=_natural)]
+        lines += [f"  unexpected: {k}" for k in sorted(unexpected, key=_natural)]
+        lines += [f"  mis-shaped: {m}" for m in sorted(misshaped, key=_natural)]
+        raise CheckpointError("\n".join(lines))
+
+
+def _reader(plan: _Tensor, tensors, dtype) -> Callable:
+    """Callback for jax.make_array_from_callback: reads only the requested slice."""
+    n_lead = len(plan.lead)
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        lead_ranges = [range(*s.indices(n)) for s, n in zip(index[:n_lead], plan.lead)]
+        inner = index[n_lead:]
+        parts = []
+        for lead_index in np.ndindex(*[len(r) for r in lead_ranges]):
+            at = tuple(r[i] for r, i in zip(lead_ranges, lead_index))
+            key = plan.key(at)
+            array = tensors[key].get(key)
+            if plan.transpose:
+                array = array.T
+            parts.append(np.asarray(array[inner], dtype=dtype))
+        if not n_lead:
+            return parts[0]
+        stacked = np.stack(parts)
+        return stacked.reshape(tuple(len(r) for r in lead_ranges) + stacked.shape[1:])
+
+    return read
+
+
+def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None
+            ) -> GlmMoeModel:
+    """Loads a Hugging Face GLM-4.5 checkpoint directory (config.json + safetensors).
+
+    Parameters are stored and computed in `dtype`; the router's balance bias stays float32.
+    With `mesh`, each parameter is placed on the mesh as it streams in (replicated for now; the
+    sharding rules live in `glm_jax.sharding`).
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no config.json")
+    name = jnp.dtype(dtype).name
+    config = ModelConfig.from_hf(json.loads(config_file.read_text()), param_dtype=name, dtype=name)
+    tensors = _open_checkpoint(path)
+    graphdef, abstract_state = nnx.split(
+        nnx.eval_shape(lambda: GlmMoeModel(config, rngs=nnx.Rngs(0))))
+    flat = nnx.to_flat_state(abstract_state)
+    plans = [_resolve(_tensor_plan(config, tuple(str(p) for p in key)), var.shape)
+             for key, var in flat]
+    plans = _mtp_fallbacks(plans, tensors, config)
+    _check(plans, tensors, config, path)
+    sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
+                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    leaves = []
+    for (key, var), (plan, _) in zip(flat, plans):
+        value = jax.make_array_from_callback(
+            var.shape, sharding, _reader(plan, tensors, np.dtype(var.dtype)))
+        leaves.append((key, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def save_hf(model: GlmMoeModel, path: str | os.PathLike, *,
+            max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+    """Writes `model` as a Hub-layout checkpoint that transformers' Glm4MoeForCausalLM loads.
+
+    Files are written into a temporary directory and moved into place at the end, so an error
+    halfway leaves nothing behind. `path` must not exist or be an empty directory.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty directory")
+    config = model.config
+    flat = nnx.to_flat_state(nnx.state(model))
+    entries: list[tuple[str, tuple[int, ...], np.dtype]] = []
+    source: dict[str, tuple[jax.Array, tuple[int, ...], bool]] = {}
+    for key, var in flat:
+        plan, shape = _resolve(_tensor_plan(config, tuple(str(p) for p in key)), var.shape)
+        value = var[...]
+        for index in np.ndindex(*plan.lead):
+            name = plan.key(index)
+            entries.append((name, shape, np.dtype(value.dtype)))
+            source[name] = (value, index, plan.transpose)
+    if config.n_shared_experts == 0:  # transformers still declares zero-size shared experts
+        entries += _empty_shared_experts(config, np.dtype(config.param_dtype))
+    entries.sort(key=lambda e: _natural(e[0]))
+
+    def produce(name):
+        if name not in source:
+            return np.zeros(next(e[1] for e in entries if e[0] == name), np.dtype(config.param_dtype))
+        value, index, transpose = source[name]
+        array = np.asarray(value[index] if index else value)
+        return array.T if transpose else array
+
+    shards = _split_shards(entries, max_shard_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
+                     else "model.safetensors")
+            write_safetensors(tmp / fname, shard, produce)
+            weight_map.update({name: fname for name, _, _ in shard})
+        if len(shards) > 1:
+            total = sum(int(np.prod(s)) * d.itemsize for _, s, d in entries)
+            (tmp / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _empty_shared_experts(config: ModelConfig, dtype):
+    h = config.hidden_size
+    layers = list(range(config.first_k_dense_replace, config.num_hidden_layers))
+    layers += [config.num_hidden_layers] * config.num_nextn_predict_layers
+    out = []
+    for n in layers:
+        stem = f"model.layers.{n}.mlp.shared_experts"
+        out += [(f"{stem}.gate_proj.weight", (0, h), dtype), (f"{stem}.up_proj.weight", (0, h), dtype),
+                (f"{stem}.down_proj.weight", (h, 0), dtype)]
+    return out
+
+
+def _split_shards(entries, max_bytes):
+    shards, current, size = [], [], 0
+    for entry in entries:
+        nbytes = int(np.prod(entry[1])) * entry[2].itemsize
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def _natural(name: str):
+    """Sort key that orders layer and expert numbers numerically."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -1,0 +1,184 @@
+"""GlmMoeModel: embeddings, scanned decoder layers (dense first, then MoE), final norm, untied
+lm_head, and the multi-token-prediction (MTP) layer.
+
+Layers of each kind are stored stacked (a leading layer axis on every parameter) and run with one
+`jax.lax.scan`, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm_jax.config import ModelConfig
+from glm_jax.model.attention import Attention, segment_mask
+from glm_jax.model.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
+from glm_jax.model.moe import MoE, MoeStats
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, S, V]
+    hidden: jax.Array  # [B, S, H] final-norm output, what lm_head reads (and the MTP's input)
+    moe_stats: MoeStats | None  # per MoE layer, stacked: tokens_per_expert [L, E], seq_aux_loss [L]
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)), mlp dense or MoE."""
+
+    def __init__(self, config: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, config=config)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, config=config)
+        self.moe = moe
+        self.mlp = (MoE(config, rngs=rngs) if moe else
+                    MLP(config.hidden_size, config.intermediate_size, config=config, rngs=rngs))
+
+    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, MoeStats | None]:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        y = self.post_attention_layernorm(h)
+        if self.moe:
+            y, stats = self.mlp(y)
+            return h + y, stats
+        return h + self.mlp(y), None
+
+
+def stacked_layers(config: ModelConfig, count: int, *, moe: bool, rngs: nnx.Rngs):
+    """`count` DecoderLayers as one module whose parameters have a leading [count] axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return DecoderLayer(config, moe=moe, rngs=rngs)
+
+    return make(rngs)
+
+
+def scan_layers(layers, x, cos, sin, mask, remat: str):
+    """Runs stacked layers with lax.scan; returns (x, per-layer stats stacked on axis 0)."""
+    graphdef, state = nnx.split(layers)
+
+    def body(carry, layer_state):
+        return nnx.merge(graphdef, layer_state)(carry, cos, sin, mask)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, state)
+
+
+class SharedHead(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False,
+                           axes=("embed", "vocab"), config=config, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.norm(x))
+
+
+class MultiTokenPredictor(nnx.Module):
+    """DeepSeek-V3-style MTP layer (stored as `model.layers.{num_hidden_layers}.*` on the Hub):
+    logits(t+2) = shared_head(layer(eh_proj([enorm(embed(x[t+1])), hnorm(h[t])])))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.embed_tokens = Embed(config.vocab_size, h, config=config, rngs=rngs)
+        self.enorm = RMSNorm(h, eps=eps, config=config)
+        self.hnorm = RMSNorm(h, eps=eps, config=config)
+        self.eh_proj = Linear(2 * h, h, bias=False, axes=("mtp_concat", "embed"), config=config,
+                              rngs=rngs)
+        self.layer = DecoderLayer(config, moe=True, rngs=rngs)
+        self.shared_head = SharedHead(config, rngs=rngs)
+
+    def __call__(self, hidden, next_ids, cos, sin, mask) -> tuple[jax.Array, MoeStats]:
+        e = self.enorm(self.embed_tokens(next_ids))
+        x = self.eh_proj(jnp.concatenate([e, self.hnorm(hidden).astype(e.dtype)], axis=-1))
+        x, stats = self.layer(x, cos, sin, mask)
+        return self.shared_head(x), stats
+
+
+class GlmMoeModel(nnx.Module):
+    """GLM-4.5 causal LM. `model(input_ids)` -> logits [B, S, V]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        h = config.hidden_size
+        self.embed_tokens = Embed(config.vocab_size, h, config=config, rngs=rngs)
+        k, m = config.first_k_dense_replace, config.num_moe_layers
+        self.dense_layers = stacked_layers(config, k, moe=False, rngs=rngs) if k else None
+        self.moe_layers = stacked_layers(config, m, moe=True, rngs=rngs) if m else None
+        self.norm = RMSNorm(h, eps=config.rms_norm_eps, config=config)
+        self.lm_head = Linear(h, config.vocab_size, bias=False, axes=("embed", "vocab"),
+                              config=config, rngs=rngs)
+        self.mtp = (MultiTokenPredictor(config, rngs=rngs)
+                    if config.num_nextn_predict_layers else None)
+
+    def __call__(self, input_ids, *, segment_ids=None, positions=None, attention_mask=None):
+        return self.forward(input_ids, segment_ids=segment_ids, positions=positions,
+                            attention_mask=attention_mask).logits
+
+    def forward(self, input_ids, *, segment_ids=None, positions=None,
+                attention_mask=None) -> ModelOutput:
+        """input_ids [B, S]. Packed rows: `segment_ids` [B, S] (attention never crosses a segment;
+        positions default to restarting at each segment start). `attention_mask` [B, S] (1 = token,
+        0 = padding) is the Hugging Face spelling of two segments and may replace segment_ids."""
+        chex.assert_rank(input_ids, 2)
+        segment_ids, positions = resolve_segments(input_ids, segment_ids, positions, attention_mask)
+        cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
+        mask = segment_mask(segment_ids)
+        x = self.embed_tokens(input_ids)
+        stats = None
+        if self.dense_layers is not None:
+            x, _ = scan_layers(self.dense_layers, x, cos, sin, mask, self.config.remat)
+        if self.moe_layers is not None:
+            x, stats = scan_layers(self.moe_layers, x, cos, sin, mask, self.config.remat)
+        x = self.norm(x)
+        return ModelOutput(logits=self.lm_head(x), hidden=x, moe_stats=stats)
+
+    def mtp_logits(self, hidden, next_ids, *, segment_ids=None, positions=None):
+        """MTP logits [B, S, V]: row t predicts token t+2 from `hidden[:, t]` (the main model's
+        final-norm output at t, `ModelOutput.hidden`, as vLLM, SGLang and Megatron feed it) and
+        `next_ids[:, t]` (token t+1)."""
+        logits, _ = self.mtp_forward(hidden, next_ids, segment_ids=segment_ids, positions=positions)
+        return logits
+
+    def mtp_forward(self, hidden, next_ids, *, segment_ids=None, positions=None):
+        """As `mtp_logits`, also returning the MTP layer's MoeStats."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP layer (config.num_nextn_predict_layers == 0)")
+        chex.assert_rank(next_ids, 2)
+        chex.assert_equal_shape_prefix([hidden, next_ids], 2)
+        segment_ids, positions = resolve_segments(next_ids, segment_ids, positions, None)
+        cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
+        return self.mtp(hidden, next_ids, cos, sin, segment_mask(segment_ids))
+
+
+def resolve_segments(input_ids, segment_ids, positions, padding_mask):
+    """Fills in segment ids [B, S] int32 and positions [B, S] int32 (index within the segment)."""
+    if padding_mask is not None:
+        if segment_ids is not None:
+            raise ValueError("pass either attention_mask or segment_ids, not both")
+        segment_ids = padding_mask
+    if segment_ids is None:
+        segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    chex.assert_equal_shape([input_ids, segment_ids])
+    if positions is None:
+        index = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        starts = jnp.concatenate(
+            [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+            axis=1)
+        positions = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    positions = jnp.asarray(positions, jnp.int32)
+    chex.assert_equal_shape([input_ids, positions])
+    return segment_ids, positions
