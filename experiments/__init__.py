@@ -1,0 +1,1 @@
+"""`python -m experiments <command>`: the launcher for glm-jax runs."""
