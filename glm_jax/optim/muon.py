@@ -1,0 +1,157 @@
+"""Muon for every matrix, AdamW for the rest: GLM-4.5's pre-training optimizer (SPEC §3).
+
+For an A x B matrix W with gradient G (Moonlight, "Muon is Scalable for LLM Training"):
+
+    M <- beta * M + G                        momentum, float32
+    U  = G + beta * M                        Nesterov (M itself without)
+    O  = NS5(U / ||U||_F)                    quintic Newton-Schulz ~ the polar factor of U
+    W <- W - lr * (0.2 * sqrt(max(A, B)) * O + wd * W)
+
+`0.2 * sqrt(max(A, B))` gives the update the RMS (~0.2) of an AdamW update, so one learning rate
+and one weight decay serve both halves of the model.
+
+Why not `optax.contrib.muon`: it orthogonalises by `vmap` over a reshaped copy, and its Nesterov
+momentum is an Adam-style bias-corrected EMA, `beta * M/(1-beta^(t+1)) + (1-beta) * G/(1-beta^t)`.
+That points the same way as `G + beta * M` on the first step and once the corrections reach 1,
+but mixes G and M differently for the first few hundred steps. Here every leading axis of a
+parameter is a batch axis of the matmuls (stacked layers [L, A, B], experts [L, E, A, B] are L*E
+separate matrices), and the momentum is Moonlight's. The Newton-Schulz step itself (Frobenius
+normalisation, coefficients, transpose when A > B) and the RMS scale match optax's
+(`preconditioning="frobenius"`, `consistent_rms=0.2`); tests/test_optim.py checks both.
+
+Sharding. Everything per matrix here is a matmul batched over the leading axes, or a reduction
+over the last two. So for a parameter sharded only along a leading axis (layers: FSDP on the
+stacked axis; experts: expert parallelism) each device orthogonalises its own matrices and the
+update compiles with no collectives at all (tested). If a matrix axis (A or B) is sharded, XLA
+inserts collectives for the Frobenius norm and for the NS matmuls that contract over that axis, in
+every step: correct, but communication-bound; prefer layouts that shard the stacked axes. `init` uses `zeros_like`, so called eagerly the momentum inherits each
+parameter's sharding; under jit give it `out_shardings` (the parameters'), as for any optax state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+ADAM_NAMES = ("embedding", "bias", "scale")  # word embeddings, biases, RMSNorm weights
+MUON_NAMES = ("kernel", "gate_proj", "up_proj", "down_proj")  # Linear kernels, stacked experts
+HEAD_PARENTS = ("lm_head", "head")  # parents of the output kernels [H, V]: main model, MTP
+NEVER_OPTIMISED = ("e_score_correction_bias",)  # RouterBias: set by loss-free balancing only
+
+
+class MuonState(NamedTuple):
+    momentum: optax.Updates  # float32, same tree and shapes as the parameters
+
+
+def newton_schulz(x, *, steps: int = 5, coeffs=(3.4445, -4.7750, 2.0315), eps: float = 1e-7,
+                  dtype=jnp.float32):
+    """x [..., A, B] -> float32 [..., A, B], each matrix mapped to ~U S' V^T with S' ~ 1.
+
+    The quintic X <- c0 X + (c1 X X^T + c2 (X X^T)^2) X, from X = x / ||x||_F, on the short side:
+    when A > B it runs on the transpose, so the Gram matrix is min(A, B) squared."""
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = jnp.swapaxes(x, -1, -2)  # [..., B, A]
+    x = x.astype(jnp.float32)
+    x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + eps)
+    x = x.astype(dtype)
+    c0, c1, c2 = coeffs
+    for _ in range(steps):  # unrolled: `steps` is small and static
+        gram = x @ jnp.swapaxes(x, -1, -2)  # [..., m, m], m = min(A, B)
+        x = c0 * x + (c1 * gram + c2 * (gram @ gram)) @ x
+    x = x.astype(jnp.float32)
+    return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                  ns_coeffs=(3.4445, -4.7750, 2.0315), eps: float = 1e-7, ns_dtype=jnp.float32,
+                  rms_scale: float = 0.2) -> optax.GradientTransformation:
+    """Momentum, Newton-Schulz orthogonalisation of the last two axes, RMS matching.
+
+    Every leaf must have rank >= 2; leading axes are batch axes. Chain with
+    `optax.add_decayed_weights` and `optax.scale_by_learning_rate` (as `muon` does)."""
+
+    def init_fn(params):
+        return MuonState(jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params))
+
+    def orthogonalise(g, m):  # g: gradient, m: momentum already updated with g
+        if g.ndim < 2:
+            raise ValueError(f"Muon needs matrices (rank >= 2), got a leaf of shape {g.shape}")
+        u = g.astype(jnp.float32) + beta * m if nesterov else m
+        o = newton_schulz(u, steps=ns_steps, coeffs=ns_coeffs, eps=eps, dtype=ns_dtype)
+        return (rms_scale * max(g.shape[-2:]) ** 0.5 * o).astype(g.dtype)
+
+    def update_fn(updates, state, params=None):
+        del params
+        momentum = jax.tree.map(lambda g, m: beta * m + g.astype(jnp.float32), updates,
+                                state.momentum)
+        return jax.tree.map(orthogonalise, updates, momentum), MuonState(momentum)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def param_labels(params, *, head_with_adam: bool = False):
+    """The label tree ("muon" / "adam") of a model's Param state, decided by path names:
+
+    - "adam": leaves named `embedding` (word embeddings), `bias`, `scale` (RMSNorm weights);
+    - "muon": leaves named `kernel` (every Linear: attention, dense MLP, shared experts, router,
+      MTP eh_proj) and the stacked experts `gate_proj` / `up_proj` / `down_proj`;
+    - the output heads (`lm_head.kernel`, `mtp.shared_head.head.kernel`): "adam" when
+      `head_with_adam`, else "muon".
+
+    Accepts `nnx.state(model, nnx.Param)` (labels replace the Variables) or the same tree of plain
+    arrays (as `nnx.Optimizer` passes at update time). Raises on any other Variable type, on the
+    router's `e_score_correction_bias` and on unknown names, so nothing outside the Param state is
+    ever optimised by accident."""
+
+    def label(path, leaf):
+        names = [_key_name(k) for k in path]
+        where = ".".join(names)
+        if isinstance(leaf, nnx.Variable) and not isinstance(leaf, nnx.Param):
+            raise ValueError(f"{where} is a {type(leaf).__name__}, not an nnx.Param: pass "
+                             "nnx.state(model, nnx.Param) to the optimizer")
+        if any(n in NEVER_OPTIMISED for n in names):
+            raise ValueError(f"{where} is set by loss-free balancing and must not be optimised: "
+                             "pass nnx.state(model, nnx.Param) to the optimizer")
+        name = names[-1]
+        if name in ADAM_NAMES:
+            return "adam"
+        if name in MUON_NAMES:
+            is_head = len(names) > 1 and names[-2] in HEAD_PARENTS
+            return "adam" if is_head and head_with_adam else "muon"
+        raise ValueError(f"{where}: no optimizer rule for a parameter named {name!r} "
+                         f"(known: {ADAM_NAMES + MUON_NAMES})")
+
+    return jax.tree_util.tree_map_with_path(
+        label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def muon(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1, beta: float = 0.95,
+         adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
+         adam_weight_decay: float = 0.1, adam_lr: optax.ScalarOrSchedule | None = None,
+         head_with_adam: bool = False, ns_dtype=jnp.float32) -> optax.GradientTransformation:
+    """GLM-4.5's optimizer for `nnx.state(model, nnx.Param)`: Muon (`scale_by_muon`, then
+    decoupled weight decay `- lr * wd * W`) on the matrices, AdamW on embeddings, biases and norm
+    scales (see `param_labels`). `learning_rate` (and `adam_lr`, default the same) may be a
+    schedule."""
+    muon_tx = optax.chain(
+        scale_by_muon(beta=beta, ns_dtype=ns_dtype),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    adam_tx = optax.adamw(learning_rate if adam_lr is None else adam_lr, b1=adam_b1, b2=adam_b2,
+                          eps=adam_eps, weight_decay=adam_weight_decay)
+    return optax.partition({"muon": muon_tx, "adam": adam_tx},
+                           functools.partial(param_labels, head_with_adam=head_with_adam))

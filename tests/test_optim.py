@@ -1,0 +1,285 @@
+"""glm_jax.optim: Muon (against optax.contrib.muon and per-slice), labels, weight decay, a step on
+the tiny model, sharded compilation, and the schedules."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from optax.contrib._muon import orthogonalize_via_newton_schulz  # optax's own NS, as reference
+
+import glm_jax
+from glm_jax.optim import (BatchSize, batch_size_schedule, muon, newton_schulz, param_labels,
+                           scale_by_muon, warmup_cosine)
+
+COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def randn(seed, shape):  # numpy: no per-shape compilation, unlike jax.random
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def run_steps(tx, params, grads_list):
+    """Applies tx to each gradient in turn; returns the list of updates."""
+    state, out = tx.init(params), []
+    for grads in grads_list:
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append(updates)
+    return out
+
+
+# ---- Muon against optax.contrib.muon -------------------------------------------------------------
+
+def test_first_step_equals_optax_contrib_muon():
+    """Configured the same: Nesterov, beta 0.95, 5 standard NS steps with Frobenius normalisation,
+    eps 1e-7 (ours) passed to optax, `consistent_rms=0.2` (= our 0.2 * sqrt(max(A, B))), no weight
+    decay. optax's momentum is a bias-corrected EMA, ours Moonlight's `g + beta * m`: both are
+    multiples of g on the first step, and NS is scale invariant, so the first updates agree."""
+    params = {"w": {"kernel": randn(0, (48, 80))}}
+    grads = {"w": {"kernel": randn(1, (48, 80))}}
+    ref = optax.contrib.muon(0.01, ns_coeffs=COEFFS, ns_steps=5, beta=0.95, eps=1e-7,
+                             nesterov=True, consistent_rms=0.2, weight_decay=0.0)
+    ours = muon(0.01, weight_decay=0.0)
+    chex.assert_trees_all_close(run_steps(ours, params, [grads]),
+                                run_steps(ref, params, [grads]), atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_several_steps_equal_moonlight_momentum_with_optax_ns(shape):
+    """Later steps: our update = lr-free 0.2 * sqrt(max(A, B)) * optax's NS applied to Moonlight's
+    Nesterov momentum m <- beta m + g, u = g + beta m (tall and wide, so optax's transpose too)."""
+    grads = [randn(10 + t, shape) for t in range(4)]
+    ours = run_steps(scale_by_muon(), jnp.zeros(shape), grads)
+    m = jnp.zeros(shape)
+    for g, update in zip(grads, ours):
+        m = 0.95 * m + g
+        ref = orthogonalize_via_newton_schulz(g + 0.95 * m, jnp.asarray(COEFFS), 5, eps=1e-7)
+        chex.assert_trees_all_close(update, 0.2 * max(shape) ** 0.5 * ref, atol=2e-6, rtol=1e-4)
+
+
+def test_stacked_experts_equal_per_slice_muon():
+    """[L, E, A, B]: each (l, e) slice, updated with the others, equals Muon on it alone."""
+    shape = (2, 3, 12, 8)
+    grads = [randn(20 + t, shape) for t in range(3)]
+    together = run_steps(scale_by_muon(), jnp.zeros(shape), grads)
+    for l in range(2):
+        for e in range(3):
+            alone = run_steps(scale_by_muon(), jnp.zeros(shape[2:]), [g[l, e] for g in grads])
+            chex.assert_trees_all_close([u[l, e] for u in together], alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48)])
+def test_newton_schulz_singular_values_near_one(shape):
+    """5 quintic steps leave singular values in the polynomial's band, about [0.68, 1.17] (not 1:
+    the coefficients trade exactness for speed). Square random matrices have singular values
+    near 0 that 5 steps cannot lift, hence rectangular shapes here."""
+    s = np.linalg.svd(np.asarray(newton_schulz(randn(3, shape))), compute_uv=False)
+    assert s.min() > 0.65 and s.max() < 1.25, (s.min(), s.max())
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32), (3, 32, 48)])
+def test_update_rms_is_0p2_lr(shape):
+    """With an exact orthogonaliser (cubic Newton-Schulz run to convergence, O = U V^T) the update
+    RMS is exactly 0.2 * lr for every shape; with the default quintic it is 0.2 * lr times the
+    quadratic mean of its singular values, inside their band [0.68, 1.17]."""
+    grads = randn(4, shape)
+    exact = scale_by_muon(ns_coeffs=(1.5, -0.5, 0.0), ns_steps=60)
+    (update,) = run_steps(exact, jnp.zeros(shape), [grads])
+    np.testing.assert_allclose(rms_per_matrix(update), 0.2, rtol=1e-3)
+
+    lr = 0.01
+    (updates,) = run_steps(muon(lr, weight_decay=0.0), {"kernel": jnp.zeros(shape)},
+                           [{"kernel": grads}])
+    ratio = rms_per_matrix(updates["kernel"]) / (0.2 * lr)
+    assert jnp.all((ratio > 0.65) & (ratio < 1.2)), ratio
+
+
+def rms_per_matrix(x):  # [..., A, B] -> [...]
+    return jnp.sqrt(jnp.mean(x ** 2, axis=(-2, -1)))
+
+
+def test_bfloat16_newton_schulz_close_to_float32():
+    grads = {"kernel": randn(5, (4, 64, 96))}
+    params = {"kernel": jnp.zeros((4, 64, 96))}
+    (f32,) = run_steps(muon(0.01), params, [grads])
+    (bf16,) = run_steps(muon(0.01, ns_dtype=jnp.bfloat16), params, [grads])
+    assert bf16["kernel"].dtype == jnp.float32
+    # bfloat16 keeps ~3 digits and NS amplifies small singular directions: a few % apart
+    err = jnp.linalg.norm(bf16["kernel"] - f32["kernel"]) / jnp.linalg.norm(f32["kernel"])
+    assert err < 0.1, err
+
+
+def test_weight_decay_with_zero_grads():
+    """Zero gradients: both halves shrink W by exactly lr * wd * W per step."""
+    lr, wd = 0.1, 0.1
+    params = {"proj": {"kernel": randn(6, (2, 16, 8))}, "norm": {"scale": randn(7, (16,))}}
+    tx = muon(lr, weight_decay=wd, adam_weight_decay=wd)
+    state, p = tx.init(params), params
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(3):
+        updates, state = tx.update(zeros, state, p)
+        chex.assert_trees_all_close(updates, jax.tree.map(lambda w: -lr * wd * w, p), atol=1e-7)
+        p = optax.apply_updates(p, updates)
+    chex.assert_trees_all_close(p, jax.tree.map(lambda w: (1 - lr * wd) ** 3 * w, params),
+                                atol=1e-6)
+
+
+# ---- labels and the tiny model -------------------------------------------------------------------
+
+def abstract_tiny_model():
+    config = glm_jax.ModelConfig.preset("tiny")
+    return nnx.eval_shape(lambda: glm_jax.GlmMoeModel(config, rngs=nnx.Rngs(0)))
+
+
+def random_tiny_model():
+    """The tiny model with N(0, 1) values everywhere: faster than its eager initialisation."""
+    graphdef, state = nnx.split(abstract_tiny_model())
+    leaves, treedef = jax.tree.flatten(state)
+    return nnx.merge(graphdef, jax.tree.unflatten(
+        treedef, [randn(i, x.shape).astype(x.dtype) for i, x in enumerate(leaves)]))
+
+
+def flat(tree):
+    return {jax.tree_util.keystr(path, simple=True, separator="."): label
+            for path, label in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("head_with_adam", [False, True])
+def test_labels_on_tiny_model(head_with_adam):
+    state = nnx.state(abstract_tiny_model(), nnx.Param)
+    labels = flat(param_labels(state, head_with_adam=head_with_adam))
+    assert labels == flat(param_labels(nnx.as_pure(state), head_with_adam=head_with_adam))
+    head = "adam" if head_with_adam else "muon"
+    expected = {
+        "embed_tokens.embedding": "adam", "mtp.embed_tokens.embedding": "adam",
+        "norm.scale": "adam", "moe_layers.input_layernorm.scale": "adam",
+        "moe_layers.self_attn.q_norm.scale": "adam", "moe_layers.self_attn.q_proj.bias": "adam",
+        "dense_layers.self_attn.v_proj.bias": "adam", "mtp.enorm.scale": "adam",
+        "moe_layers.self_attn.q_proj.kernel": "muon", "dense_layers.mlp.down_proj.kernel": "muon",
+        "moe_layers.mlp.gate.kernel": "muon", "moe_layers.mlp.experts.gate_proj": "muon",
+        "moe_layers.mlp.experts.down_proj": "muon", "mtp.layer.mlp.experts.up_proj": "muon",
+        "moe_layers.mlp.shared_experts.up_proj.kernel": "muon", "mtp.eh_proj.kernel": "muon",
+        "lm_head.kernel": head, "mtp.shared_head.head.kernel": head,
+    }
+    assert {k: labels[k] for k in expected} == expected
+    assert not any("e_score_correction_bias" in k for k in labels)
+    abstract = {k: v.shape for k, v in flat(nnx.as_pure(state)).items()}
+    muon_ranks = {len(abstract[k]) for k, v in labels.items() if v == "muon"}
+    adam_names = {k.rsplit(".", 1)[-1] for k, v in labels.items() if v == "adam"}
+    assert min(muon_ranks) >= 2 and adam_names <= {"embedding", "bias", "scale", "kernel"}
+
+
+def test_full_state_with_router_bias_is_rejected():
+    model = abstract_tiny_model()
+    tx = muon(1e-3)
+    with pytest.raises(ValueError, match="RouterBias"):
+        tx.init(nnx.state(model))
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        param_labels(nnx.as_pure(nnx.state(model)))
+
+
+def test_step_on_tiny_model_changes_every_param_but_not_router_bias():
+    """Through nnx.Optimizer (init sees Param Variables, update plain arrays), under nnx.jit."""
+    model = random_tiny_model()
+    bias_before = jax.tree.map(jnp.copy, nnx.state(model, glm_jax.RouterBias))
+    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, muon(warmup_cosine(2, 10, peak=1e-2)), wrt=nnx.Param)
+    leaves, treedef = jax.tree.flatten(before)
+    grads = jax.tree.unflatten(treedef, [randn(1000 + i, x.shape) for i, x in enumerate(leaves)])
+
+    @nnx.jit
+    def step(model, optimizer, grads):
+        optimizer.update(model, grads)
+
+    step(model, optimizer, grads)  # the learning rate is 0 at step 0
+
+    step(model, optimizer, grads)
+    after = nnx.state(model, nnx.Param)
+    unchanged = [jax.tree_util.keystr(p) for (p, a), b in
+                 zip(jax.tree_util.tree_leaves_with_path(after), jax.tree.leaves(before))
+                 if np.array_equal(a, b)]
+    assert unchanged == []
+    chex.assert_trees_all_equal(nnx.state(model, glm_jax.RouterBias), bias_before)
+
+
+# ---- sharding ------------------------------------------------------------------------------------
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from glm_jax.optim import scale_by_muon
+
+    COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all",
+                   "reduce-scatter")
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    tx = scale_by_muon()
+
+    def collectives(spec):
+        sharding = NamedSharding(mesh, spec)
+        w = jax.device_put(jnp.ones((4, 64, 32)), sharding)  # [L, A, B]
+        state = tx.init(w)
+        assert state.momentum.sharding == sharding
+        update = jax.jit(tx.update, in_shardings=(sharding, state_shardings(state, sharding)),
+                         out_shardings=(sharding, state_shardings(state, sharding)))
+        hlo = update.lower(w, state).compile().as_text()
+        return sorted(op for op in COLLECTIVES if op in hlo)
+
+    def state_shardings(state, sharding):
+        return jax.tree.map(lambda _: sharding, state)
+
+    print(json.dumps({"layer_axis": collectives(P("x")), "matrix_axis": collectives(P(None, "x"))}))
+""")
+
+
+def test_layer_sharded_update_compiles_without_collectives():
+    """Own process: the host device count must be set before jax starts (works under xdist)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["layer_axis"] == []
+    assert found["matrix_axis"], "control: a matrix-axis sharding should need collectives"
+
+
+# ---- schedules -----------------------------------------------------------------------------------
+
+def test_warmup_cosine_values():
+    lr = warmup_cosine(100, 1100, peak=2.5e-4, floor=2.5e-5)
+    np.testing.assert_allclose(
+        [lr(0), lr(50), lr(100), lr(600), lr(1100), lr(5000)],
+        [0.0, 1.25e-4, 2.5e-4, (2.5e-4 + 2.5e-5) / 2, 2.5e-5, 2.5e-5], rtol=1e-5, atol=1e-12)
+    assert lr(300) > lr(301) > lr(900)
+    with pytest.raises(ValueError):
+        warmup_cosine(10, 10)
+
+
+def test_batch_size_ramp_stages():
+    seq, micro = 4096, 64  # micro-batch: 64 sequences = 256K tokens over all replicas
+    m = 2 ** 20
+    batch_at = batch_size_schedule(start_tokens=16 * m, end_tokens=64 * m,
+                                   ramp_tokens=500 * 10 ** 9, seq_len=seq, micro_batch=micro,
+                                   stages=3)
+    tokens = [0, 166 * 10 ** 9, 167 * 10 ** 9, 400 * 10 ** 9, 500 * 10 ** 9, 10 ** 13]
+    sizes = [batch_at(t) for t in tokens]
+    assert [b.sequences * seq // m for b in sizes] == [16, 16, 32, 48, 64, 64]
+    assert all(b.sequences % micro == 0 and b.accumulation_steps * micro == b.sequences
+               for b in sizes)
+    assert sizes[0] == BatchSize(4096, 64)
+
+    four = batch_size_schedule(start_tokens=16 * m, end_tokens=64 * m, ramp_tokens=400,
+                               seq_len=seq, micro_batch=48)  # 16M, 28M, 40M, 52M, rounded
+    steps = [four(t).accumulation_steps for t in range(0, 500, 100)]
+    assert steps == sorted(steps) and len(set(steps)) == 5
+    assert all(four(t).sequences % 48 == 0 for t in range(0, 500, 50))
