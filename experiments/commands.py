@@ -2,36 +2,49 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm_jax import GlmMoeModel, ModelConfig, load_hf
+from glm_jax import load_hf
 
 
 def demo(flags) -> None:
-    """Random `tiny` model: greedy decoding by re-running the causal forward on a fixed-size
-    buffer (one compilation; the KV-cache engine lives in glm_jax.infer)."""
-    config = ModelConfig.preset("tiny")
-    model = GlmMoeModel(config, rngs=nnx.Rngs(flags.seed))
-    counts = config.param_counts()
-    print(f"tiny GLM-4.5-style MoE: {counts['total']:,} parameters, {counts['active']:,} active")
-    prompt = 8
-    ids = jax.random.randint(jax.random.key(flags.seed), (1, prompt), 0, config.vocab_size)
-    ids = jnp.pad(ids, ((0, 0), (0, flags.steps)))
+    """The main job on its embedded default: pre-train the `tiny` model on the local Python
+    standard library (configs/pretrain_tiny.py; resumes if already run), then sample from it."""
+    from configs import demo_tiny
+    from glm_jax.train.loop import load_trained, pretrain
+
+    config = flags.config or demo_tiny.get_config()
+    config.workdir = flags.workdir or config.workdir
+    logged = pretrain(config)
+    if logged:
+        print(f"trained steps {logged[0]['step']}-{logged[-1]['step']}: loss "
+              f"{logged[0]['loss']:.3f} -> {logged[-1]['loss']:.3f}")
+    model, tokenizer = load_trained(config)
+    prompt = flags.prompt
+    ids = jnp.asarray([tokenizer.encode(prompt).ids], jnp.int32)
+    tokens = sample(model, ids, flags.steps, temperature=flags.temperature, seed=flags.seed)
+    print(f"prompt: {prompt!r}\nsample (temperature {flags.temperature}):\n"
+          f"{prompt + tokenizer.decode(tokens)}")
+
+
+def sample(model, ids, steps: int, *, temperature: float, seed: int) -> list[int]:
+    """Continuation by re-running the causal forward on a fixed-size buffer (one compilation;
+    the KV-cache engine is glm_jax.infer's job). temperature 0 is greedy."""
+    start = ids.shape[1]
+    buffer = jnp.pad(ids, ((0, 0), (0, steps)))
 
     @nnx.jit
-    def step(model, ids, t):  # tokens after t do not influence logits at t (causal)
-        token = jnp.argmax(model(ids)[:, t - 1], axis=-1)
-        return ids.at[:, t].set(token)
+    def step(model, buffer, t, key):  # tokens after t do not influence logits at t (causal)
+        logits = model(buffer)[:, t - 1].astype(jnp.float32)
+        token = (jnp.argmax(logits, axis=-1) if temperature == 0 else
+                 jax.random.categorical(key, logits / temperature, axis=-1))
+        return buffer.at[:, t].set(token)
 
-    start = time.perf_counter()
-    for t in range(prompt, prompt + flags.steps):
-        ids = step(model, ids, t)
-    print(f"prompt {ids[0, :prompt].tolist()} -> greedy {ids[0, prompt:].tolist()} "
-          f"({time.perf_counter() - start:.2f}s)")
+    for t, key in zip(range(start, start + steps), jax.random.split(jax.random.key(seed), steps)):
+        buffer = step(model, buffer, t, key)
+    return buffer[0, start:].tolist()
 
 
 def convert(flags) -> None:
@@ -44,4 +57,17 @@ def convert(flags) -> None:
     print(f"loaded {counts['total']:,} parameters ({counts['active']:,} active per token)")
 
 
-COMMANDS = {"demo": demo, "convert": convert}
+def pretrain(flags) -> None:
+    """Pre-trains per --config; resumes from the workdir's latest checkpoint."""
+    from glm_jax.train.loop import pretrain as run
+
+    if flags.config is None:
+        raise ValueError("pretrain needs --config=configs/<name>.py")
+    logged = run(flags.config)
+    if logged:
+        first, last = logged[0], logged[-1]
+        print(f"steps {first['step']}-{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}, "
+              f"max_vio {first.get('max_vio', float('nan')):.3f} -> {last.get('max_vio', float('nan')):.3f}")
+
+
+COMMANDS = {"pretrain": pretrain, "demo": demo, "convert": convert}

@@ -1,0 +1,22 @@
+"""Pre-train GLM-4.5 (355 B) on a pod: the report's recipe (SPEC.md §3). Needs the sharding
+rules of glm_jax.sharding and a real tokenizer.json / corpus."""
+
+from glm_jax.train.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.workdir = "workdir/pretrain_glm45"
+    config.model.preset = "glm45"
+    config.model.overrides = dict(param_dtype="float32", dtype="bfloat16", remat="full")
+    config.steps = 500_000
+    config.schedule_steps = 500_000
+    config.warmup_steps = 2_000
+    config.seq_len = 4096
+    config.batch_size = 4096  # 16M tokens per step at the start of the batch-size warm-up
+    config.micro_batches = 8
+    config.log_every = 10
+    config.checkpoint_every = 1_000
+    config.tokenizer_path = ""  # GLM-4.5's tokenizer.json
+    config.peak_flops_per_device = 989e12
+    return config

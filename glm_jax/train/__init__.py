@@ -1,0 +1,1 @@
+"""Pre-training: the jitted step, loss-free balancing, metrics, checkpoints and the loop."""

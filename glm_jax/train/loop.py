@@ -1,0 +1,139 @@
+"""`pretrain(config)`: the pre-training loop. Builds tokenizer, model, optimizer and data from an
+ml_collections config, resumes from the latest checkpoint in the workdir if there is one, runs
+the jitted step, logs and checkpoints. A stopped run restarted with the same command continues
+exactly where it stopped."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from glm_jax import data as data_lib
+from glm_jax.config import ModelConfig
+from glm_jax.model import GlmMoeModel
+from glm_jax.optim import muon, warmup_cosine
+from glm_jax.train.checkpoint import Checkpointer
+from glm_jax.train.metrics import MetricsLogger
+from glm_jax.train.step import StepConfig, TrainState, make_train_step
+
+
+def _none_if_negative(value):
+    return None if value is None or value < 0 else value
+
+
+def step_config(config) -> StepConfig:
+    c = config.step
+    return StepConfig(
+        mtp_weight=c.mtp_weight, mtp_weight_after=c.mtp_weight_after,
+        mtp_weight_switch_step=_none_if_negative(c.mtp_weight_switch_step),
+        aux_weight=c.aux_weight, bias_rate=c.bias_rate,
+        bias_stop_step=_none_if_negative(c.bias_stop_step), spike_factor=c.spike_factor,
+        spike_warmup_steps=c.spike_warmup_steps)
+
+
+def build_optimizer(config):
+    schedule = warmup_cosine(peak=config.peak_learning_rate, floor=config.floor_learning_rate,
+                             warmup_steps=config.warmup_steps, total_steps=config.schedule_steps)
+    optimizer = muon(schedule, weight_decay=config.weight_decay,
+                     head_with_adam=config.head_with_adam)
+    if config.grad_clip:
+        optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip), optimizer)
+    return optimizer, schedule
+
+
+def model_config(config, vocab_size: int) -> ModelConfig:
+    overrides = dict(config.model.overrides)
+    return ModelConfig.preset(config.model.preset, **{"vocab_size": vocab_size, **overrides})
+
+
+def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active matmul parameters + causal attention."""
+    active = model_cfg.param_counts()["active"] - model_cfg.vocab_size * model_cfg.hidden_size
+    attention = 6 * model_cfg.num_hidden_layers * seq_len * (
+        model_cfg.num_attention_heads * model_cfg.head_dim)
+    return 6 * active + attention
+
+
+def init_state(config, model_cfg: ModelConfig, optimizer):
+    """Model and optimizer state, initialised under jit (one compilation, not one per op)."""
+    @nnx.jit
+    def create():
+        return GlmMoeModel(model_cfg, rngs=nnx.Rngs(config.seed))
+    return TrainState.create(create(), optimizer)
+
+
+def pretrain(config) -> list[dict]:
+    """Runs until `config.steps`; returns the metrics logged by this run."""
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = data_lib.tokenizer_for(config, workdir)
+    model_cfg = model_config(config, tokenizer.get_vocab_size())
+    optimizer, schedule = build_optimizer(config)
+    graphdef, state = init_state(config, model_cfg, optimizer)
+    train_step = make_train_step(graphdef, optimizer, step_config(config), schedule)
+
+    if config.batch_size % config.micro_batches:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by micro_batches "
+                         f"{config.micro_batches}")
+    pipeline = data_lib.build_pipeline(
+        config.data, tokenizer=tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
+        seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+        cache_dir=workdir / "data")
+    batches = iter(pipeline)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, data_state = checkpointer.restore(start, state)
+        batches.set_state(data_state)
+        logging.info("resumed from step %d", start)
+    logger = MetricsLogger(workdir, start_step=start, total_steps=config.steps,
+                           enabled=jax.process_index() == 0)
+    flops = flops_per_token(model_cfg, config.seq_len)
+    peak = config.peak_flops_per_device * jax.device_count()
+    logged = []
+    tick, tokens = time.perf_counter(), 0.0
+    for step in range(start, config.steps):
+        batch = next(batches)
+        batch = {k: np.reshape(v, (config.micro_batches, -1) + v.shape[1:]) for k, v in batch.items()}
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        tokens += config.batch_size * config.seq_len
+        logger.advance()
+        if done % config.log_every == 0 or done == config.steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - tick
+            metrics["tokens_per_second"] = tokens / elapsed
+            if peak:
+                metrics["mfu"] = metrics["tokens_per_second"] * flops / peak
+            logger.log(done, metrics)
+            logged.append({"step": done, **{k: float(np.asarray(v)) for k, v in metrics.items()
+                                            if np.ndim(v) == 0}})
+            tick, tokens = time.perf_counter(), 0.0
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            checkpointer.save(done, state, batches.get_state())
+    checkpointer.wait()
+    checkpointer.close()
+    logger.close()
+    return logged
+
+
+def load_trained(config):
+    """-> (model, tokenizer) from the latest checkpoint in `config.workdir`."""
+    workdir = Path(config.workdir)
+    tokenizer = data_lib.tokenizer_for(config, workdir)
+    optimizer, _ = build_optimizer(config)
+    graphdef, state = init_state(config, model_config(config, tokenizer.get_vocab_size()),
+                                 optimizer)
+    checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to load")
+    state, _ = checkpointer.restore(step, state, with_data=False)
+    checkpointer.close()
+    return nnx.merge(graphdef, state.params, state.buffers), tokenizer

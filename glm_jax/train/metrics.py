@@ -1,0 +1,95 @@
+"""Training metrics: `workdir/metrics.jsonl` (one JSON object per logged step), TensorBoard event
+files (tensorboardX), a PNG heatmap of expert load per MoE layer, and a tqdm progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+SCALARS = ("loss", "ce_loss", "mtp_loss", "aux_loss", "grad_norm", "learning_rate", "max_vio",
+           "skipped", "tokens", "tokens_per_second", "mfu")
+
+
+class MetricsLogger:
+    """Writes metrics of process 0. On resume, jsonl lines past the restored step are dropped so
+    the file reads as one uninterrupted run."""
+
+    def __init__(self, workdir: str | Path, *, start_step: int, total_steps: int,
+                 enabled: bool = True):
+        self.workdir = Path(workdir)
+        self.enabled = enabled
+        self.bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not enabled,
+                             dynamic_ncols=True, desc="train")
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.workdir / "metrics.jsonl"
+        _truncate_after(self.jsonl_path, start_step)
+        self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        """`step` counts completed steps (1-based). Arrays: per-layer MaxVio and expert loads."""
+        if not self.enabled:
+            return
+        record = {"step": step}
+        for name in SCALARS:
+            if name in metrics:
+                record[name] = float(np.asarray(metrics[name]))
+        if "max_vio_per_layer" in metrics:
+            record["max_vio_per_layer"] = np.asarray(metrics["max_vio_per_layer"]).round(4).tolist()
+        if "expert_load" in metrics:
+            load = np.asarray(metrics["expert_load"])
+            record["expert_load"] = load.tolist()
+            self.tensorboard.add_histogram("expert_load", _expert_ids(load), step)
+            write_load_heatmap(load, self.workdir / "expert_load.png", step)
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name in SCALARS:
+                self.tensorboard.add_scalar(name, value, step)
+        self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                             max_vio=f"{record.get('max_vio', float('nan')):.3f}")
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.enabled:
+            self.tensorboard.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _expert_ids(load: np.ndarray) -> np.ndarray:
+    """Expands [L, E] counts into samples of expert ids (for a TensorBoard histogram)."""
+    totals = load.sum(axis=0)
+    return np.repeat(np.arange(totals.shape[0]), totals.astype(np.int64))
+
+
+def write_load_heatmap(load: np.ndarray, path: Path, step: int) -> None:
+    """Expert load per MoE layer relative to the mean (1.0 = perfectly balanced)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    relative = load / np.maximum(load.mean(axis=-1, keepdims=True), 1e-9)
+    fig, ax = plt.subplots(figsize=(max(4, load.shape[1] * 0.15 + 2), max(2, load.shape[0] * 0.3 + 1)))
+    image = ax.imshow(relative, aspect="auto", cmap="viridis")
+    ax.set(xlabel="expert", ylabel="MoE layer", title=f"expert load / mean, step {step}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
