@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glm_jax import sharding as sharding_lib
 from glm_jax.config import ModelConfig
 from glm_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
 from glm_jax.model import GlmMoeModel
@@ -195,8 +196,8 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Me
     """Loads a Hugging Face GLM-4.5 checkpoint directory (config.json + safetensors).
 
     Parameters are stored and computed in `dtype`; the router's balance bias stays float32.
-    With `mesh`, each parameter is placed on the mesh as it streams in (replicated for now; the
-    sharding rules live in `glm_jax.sharding`).
+    With `mesh`, each device reads only its own slice of each tensor, straight into the
+    parameter's sharding (`glm_jax.sharding.state_shardings`).
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -212,10 +213,13 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Me
              for key, var in flat]
     plans = _mtp_fallbacks(plans, tensors, config)
     _check(plans, tensors, config, path)
-    sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
-                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    if mesh is not None:
+        shardings = nnx.to_flat_state(sharding_lib.state_shardings(abstract_state, mesh))
+    else:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = [(key, single) for key, _ in flat]
     leaves = []
-    for (key, var), (plan, _) in zip(flat, plans):
+    for (key, var), (plan, _), (_, sharding) in zip(flat, plans, shardings):
         value = jax.make_array_from_callback(
             var.shape, sharding, _reader(plan, tensors, np.dtype(var.dtype)))
         leaves.append((key, var.replace(value)))

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import kernels
 from glm_jax.config import ModelConfig
@@ -44,15 +46,37 @@ class Experts(nnx.Module):
         self.gate_proj = normal_param(rngs, (e, h, f), ("experts", "embed", "expert_mlp"), config)
         self.up_proj = normal_param(rngs, (e, h, f), ("experts", "embed", "expert_mlp"), config)
         self.down_proj = normal_param(rngs, (e, f, h), ("experts", "expert_mlp", "embed"), config)
-        self.dtype = config.jnp_dtype
 
-    def __call__(self, x_mh, group_sizes):
-        """x_mh [M, H]: token copies sorted by expert; group_sizes [E] -> [M, H]."""
-        x = x_mh.astype(self.dtype)
-        gate = kernels.gmm(x, self.gate_proj[...].astype(self.dtype), group_sizes)
-        up = kernels.gmm(x, self.up_proj[...].astype(self.dtype), group_sizes)
-        return kernels.gmm(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype),
-                           group_sizes)
+
+def swiglu_experts(x_mh, group_sizes, gate, up, down, dtype):
+    """x_mh [M, H]: token copies sorted by expert; group_sizes [G]; gate/up [G, H, F],
+    down [G, F, H] -> [M, H]. Rows past sum(group_sizes) come out zero."""
+    x = x_mh.astype(dtype)
+    g = kernels.gmm(x, gate.astype(dtype), group_sizes)
+    u = kernels.gmm(x, up.astype(dtype), group_sizes)
+    return kernels.gmm(jax.nn.silu(g) * u, down.astype(dtype), group_sizes)
+
+
+def routed_experts(x_th, router, bias, gate, up, down, cfg: ModelConfig, first_expert=0):
+    """Routes every token over all E experts, runs the copies that go to the experts held here
+    (`gate.shape[0]` of them, from `first_expert` on) and sums them weighted per token.
+    -> (out [T, H] float32, router logits [T, E], expert ids [T, k], tokens_per_expert [E])."""
+    k = cfg.num_experts_per_tok
+    logits = x_th.astype(jnp.float32) @ router.astype(jnp.float32)  # [T, E], always float32
+    weights, expert_ids, tokens_per_expert = kernels.route(
+        logits, bias, top_k=k, n_group=cfg.n_group, topk_group=cfg.topk_group,
+        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+    num_local = gate.shape[0]
+    local_ids = expert_ids - first_expert
+    here = (local_ids >= 0) & (local_ids < num_local)
+    # Copies for experts held elsewhere sort into one extra group past the local ones, which
+    # the grouped matmuls skip (rows past sum(group_sizes) are zero).
+    perm = kernels.sort_by_expert(jnp.where(here, local_ids, num_local), num_local + 1)
+    y_sorted = swiglu_experts(x_th[perm.token_index], perm.group_sizes[:num_local], gate, up, down,
+                              cfg.jnp_dtype)  # [T*k, H]
+    y_tkh = kernels.unsort(y_sorted, perm.order, k)
+    out = jnp.einsum("tkh,tk->th", y_tkh.astype(jnp.float32), jnp.where(here, weights, 0.0))
+    return out, logits, expert_ids, tokens_per_expert
 
 
 class MoE(nnx.Module):
@@ -66,24 +90,69 @@ class MoE(nnx.Module):
             if config.n_shared_experts else None)
 
     def __call__(self, x_bsh) -> tuple[jax.Array, MoeStats]:
-        cfg = self.config
-        b, s, h = x_bsh.shape
-        k = cfg.num_experts_per_tok
-        x_th = x_bsh.reshape(b * s, h)
-        logits = self.gate(x_th)  # [T, E] float32
-        weights, expert_ids, tokens_per_expert = kernels.route(
-            logits, self.gate.e_score_correction_bias[...], top_k=k, n_group=cfg.n_group,
-            topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
-            routed_scaling_factor=cfg.routed_scaling_factor)
-        perm = kernels.sort_by_expert(expert_ids, cfg.n_routed_experts)
-        y_sorted = self.experts(x_th[perm.token_index], perm.group_sizes)  # [T*k, H]
-        y_tkh = kernels.unsort(y_sorted, perm.order, k)
-        out = jnp.einsum("tkh,tk->th", y_tkh.astype(jnp.float32), weights).astype(x_bsh.dtype)
-        out = out.reshape(b, s, h)
+        weights = (self.gate.kernel[...], self.gate.e_score_correction_bias[...],
+                   self.experts.gate_proj[...], self.experts.up_proj[...],
+                   self.experts.down_proj[...])
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            out, stats = _moe_local(x_bsh, *weights, cfg=self.config)
+        else:
+            out, stats = _moe_sharded(x_bsh, *weights, cfg=self.config, mesh=mesh)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_bsh)
-        aux = sequence_aux_loss(logits.reshape(b, s, -1), expert_ids.reshape(b, s, k))
-        return out, MoeStats(tokens_per_expert, aux)
+        return out, stats
+
+
+def _moe_local(x_bsh, router, bias, gate, up, down, *, cfg):
+    b, s, h = x_bsh.shape
+    out, logits, ids, counts = routed_experts(x_bsh.reshape(b * s, h), router, bias, gate, up,
+                                              down, cfg)
+    aux = sequence_aux_loss(logits.reshape(b, s, -1), ids.reshape(b, s, -1))
+    return out.reshape(b, s, h).astype(x_bsh.dtype), MoeStats(counts, aux)
+
+
+def _moe_sharded(x_bsh, router, bias, gate, up, down, *, cfg, mesh):
+    """Expert parallelism with shard_map: each device holds E / n_expert experts (and a 1 /
+    n_tensor slice of their width). Tokens, split over the data axes, are all-gathered along
+    `expert`, each device runs the copies routed to its own experts, and a reduce-scatter along
+    `expert` (plus a sum over `tensor`) returns every token's combined output to its owner.
+    Dropless: no capacity, every copy reaches its expert. Expert loads are summed over the mesh."""
+    n_expert, n_tensor = mesh.shape.get("expert", 1), mesh.shape.get("tensor", 1)
+    data_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+    batch_axes = data_axes + (("expert",) if n_expert > 1 else ())
+    b, s, h = x_bsh.shape
+    n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+    tokens_split = b % n_batch == 0  # else (e.g. decoding one sequence) every device sees all
+    x_spec = P(batch_axes if tokens_split else None, None, None)
+    expert_axis = "expert" if n_expert > 1 else None
+    tensor_axis = "tensor" if n_tensor > 1 else None
+
+    def local(x, router, bias, gate, up, down):
+        if tokens_split and expert_axis:
+            x = jax.lax.all_gather(x, expert_axis, axis=0, tiled=True)
+        bl = x.shape[0]
+        first = jax.lax.axis_index(expert_axis) * gate.shape[0] if expert_axis else 0
+        out, logits, ids, counts = routed_experts(x.reshape(bl * s, h), router, bias, gate, up,
+                                                  down, cfg, first)
+        out = out.reshape(bl, s, h)
+        if tensor_axis:
+            out = jax.lax.psum(out, tensor_axis)
+        if expert_axis:
+            out = (jax.lax.psum_scatter(out, expert_axis, scatter_dimension=0, tiled=True)
+                   if tokens_split else jax.lax.psum(out, expert_axis))
+        aux = sequence_aux_loss(logits.reshape(bl, s, -1), ids.reshape(bl, s, -1))
+        if tokens_split and data_axes:
+            counts = jax.lax.psum(counts, data_axes)
+            aux = jax.lax.pmean(aux, data_axes)
+        return out.astype(x.dtype), counts, aux
+
+    weight_spec = P(expert_axis, None, tensor_axis)
+    out, counts, aux = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(x_spec, P(), P(), weight_spec, weight_spec, P(expert_axis, tensor_axis, None)),
+        out_specs=(x_spec, P(), P()), check_vma=False,
+    )(x_bsh, router, bias, gate, up, down)
+    return out, MoeStats(counts, aux)
 
 
 def sequence_aux_loss(logits_bse, expert_ids_bsk):
