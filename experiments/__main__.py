@@ -4,6 +4,9 @@ Commands:
   pretrain  --config=configs/pretrain_tiny.py [--config.steps=... --config.workdir=...]
   demo      pre-train the tiny model on the local Python stdlib (CPU, minutes), then sample
   convert   --checkpoint=DIR: load a Hugging Face GLM-4.5 checkpoint, print its config and size
+
+Several processes (multi-host): pass --coordinator_address/--num_processes/--process_id, or set
+JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID; TPU pods and SLURM are detected.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import commands
+from glm_jax import distributed
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)")
+flags.DEFINE_string("coordinator_address", None, "multi-process runs: host:port of process 0")
+flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
 flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory (convert)")
 flags.DEFINE_integer("steps", 64, "tokens to sample (demo)")
 flags.DEFINE_string("prompt", "def ", "text to continue (demo)")
@@ -29,6 +36,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     if len(argv) != 2 or argv[1] not in commands.COMMANDS:
         raise app.UsageError(__doc__)
+    distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                           flags.FLAGS.process_id)
     commands.COMMANDS[argv[1]](flags.FLAGS)
 
 

@@ -21,6 +21,7 @@ def _config(workdir, steps):
     config = pretrain_tiny.get_config()
     config.workdir = str(workdir)
     config.steps = steps
+    config.num_devices = 1
     config.schedule_steps = 8
     config.warmup_steps = 2
     config.seq_len = 32

@@ -11,6 +11,8 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.workdir = "workdir/pretrain"
     config.seed = 0
+    config.mesh = ml_collections.ConfigDict()  # axis sizes, e.g. {"expert": 4}; data takes the rest
+    config.num_devices = 0  # devices to train on; 0 = all
     config.model = ml_collections.ConfigDict(dict(preset="tiny", overrides={}))
     config.steps = 100  # stop after this many steps (a later run with more steps resumes)
     config.schedule_steps = 100  # the learning-rate schedule's horizon

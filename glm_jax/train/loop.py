@@ -14,7 +14,10 @@ import optax
 from absl import logging
 from flax import nnx
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from glm_jax import data as data_lib
+from glm_jax import sharding
 from glm_jax.config import ModelConfig
 from glm_jax.model import GlmMoeModel
 from glm_jax.optim import muon, warmup_cosine
@@ -60,12 +63,30 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
     return 6 * active + attention
 
 
-def init_state(config, model_cfg: ModelConfig, optimizer):
-    """Model and optimizer state, initialised under jit (one compilation, not one per op)."""
-    @nnx.jit
-    def create():
-        return GlmMoeModel(model_cfg, rngs=nnx.Rngs(config.seed))
-    return TrainState.create(create(), optimizer)
+def training_mesh(config):
+    """The mesh over `config.num_devices` devices (0 = all) with `config.mesh` axis sizes."""
+    devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
+    return sharding.make_mesh(dict(config.mesh), devices=devices)
+
+
+def init_state(config, model_cfg: ModelConfig, optimizer, mesh):
+    """Model parameters created directly in their shardings (one jitted initialisation), then
+    the optimizer state beside them (eager `zeros_like` keeps each parameter's sharding)."""
+    model = sharding.create_sharded(
+        lambda: GlmMoeModel(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
+    return TrainState.create(model, optimizer)
+
+
+def global_batch(batch: dict[str, np.ndarray], micro_batches: int, mesh) -> dict[str, jax.Array]:
+    """This process's rows [B_local, S] -> global arrays [micro_batches, B / micro_batches, S]
+    sharded over the data-parallel axes."""
+    spec = NamedSharding(mesh, P(None, sharding.BATCH_AXES, None))
+    out = {}
+    for name, local in batch.items():
+        local = np.reshape(local, (micro_batches, -1) + local.shape[1:])
+        shape = (micro_batches, local.shape[1] * jax.process_count()) + local.shape[2:]
+        out[name] = jax.make_array_from_process_local_data(spec, local, shape)
+    return out
 
 
 def pretrain(config) -> list[dict]:
@@ -75,16 +96,18 @@ def pretrain(config) -> list[dict]:
     tokenizer = data_lib.tokenizer_for(config, workdir)
     model_cfg = model_config(config, tokenizer.get_vocab_size())
     optimizer, schedule = build_optimizer(config)
-    graphdef, state = init_state(config, model_cfg, optimizer)
+    mesh = training_mesh(config)
+    graphdef, state = init_state(config, model_cfg, optimizer, mesh)
     train_step = make_train_step(graphdef, optimizer, step_config(config), schedule)
 
-    if config.batch_size % config.micro_batches:
+    processes = jax.process_count()
+    if config.batch_size % (config.micro_batches * processes):
         raise ValueError(f"batch_size {config.batch_size} is not divisible by micro_batches "
-                         f"{config.micro_batches}")
+                         f"{config.micro_batches} x processes {processes}")
     pipeline = data_lib.build_pipeline(
-        config.data, tokenizer=tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
-        seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
-        cache_dir=workdir / "data")
+        config.data, tokenizer=tokenizer, seq_len=config.seq_len,
+        batch_size=config.batch_size // processes, seed=config.seed,
+        shard_index=jax.process_index(), shard_count=processes, cache_dir=workdir / "data")
     batches = iter(pipeline)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     start = checkpointer.latest_step() or 0
@@ -99,9 +122,9 @@ def pretrain(config) -> list[dict]:
     logged = []
     tick, tokens = time.perf_counter(), 0.0
     for step in range(start, config.steps):
-        batch = next(batches)
-        batch = {k: np.reshape(v, (config.micro_batches, -1) + v.shape[1:]) for k, v in batch.items()}
-        state, metrics = train_step(state, batch)
+        with sharding.use_mesh(mesh):
+            state, metrics = train_step(state, global_batch(next(batches), config.micro_batches,
+                                                            mesh))
         done = step + 1
         tokens += config.batch_size * config.seq_len
         logger.advance()
@@ -129,7 +152,7 @@ def load_trained(config):
     tokenizer = data_lib.tokenizer_for(config, workdir)
     optimizer, _ = build_optimizer(config)
     graphdef, state = init_state(config, model_config(config, tokenizer.get_vocab_size()),
-                                 optimizer)
+                                 optimizer, training_mesh(config))
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
     step = checkpointer.latest_step()
     if step is None:
