@@ -3,6 +3,7 @@
 Commands:
   pretrain  --config=configs/pretrain_tiny.py [--config.steps=... --config.workdir=...]
   demo      pre-train the tiny model on the local Python stdlib (CPU, minutes), then sample
+  plan      --config=... --devices=N --mesh='{"fsdp": 16, "expert": 8}': per-device memory
   convert   --checkpoint=DIR: load a Hugging Face GLM-4.5 checkpoint, print its config and size
 
 Several processes (multi-host): pass --coordinator_address/--num_processes/--process_id, or set
@@ -27,6 +28,9 @@ flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory (conv
 flags.DEFINE_integer("steps", 64, "tokens to sample (demo)")
 flags.DEFINE_string("prompt", "def ", "text to continue (demo)")
 flags.DEFINE_string("workdir", None, "workdir of the demo run (default: the config's)")
+flags.DEFINE_integer("devices", 8, "virtual CPU devices (plan)")
+flags.DEFINE_string("mesh", "{}", "mesh axis sizes as JSON (plan)")
+flags.DEFINE_integer("rows_per_device", 1, "sequences per device per micro-batch (plan)")
 flags.DEFINE_float("temperature", 0.7, "sampling temperature, 0 = greedy (demo)")
 flags.DEFINE_integer("seed", 0, "sampling seed (demo)")
 

@@ -70,4 +70,22 @@ def pretrain(flags) -> None:
               f"max_vio {first.get('max_vio', float('nan')):.3f} -> {last.get('max_vio', float('nan')):.3f}")
 
 
-COMMANDS = {"pretrain": pretrain, "demo": demo, "convert": convert}
+def plan(flags) -> None:
+    """Per-device memory of --config's training on a virtual mesh of --devices CPU devices with
+    --mesh axis sizes (JSON), e.g. --devices=128 --mesh='{"fsdp": 16, "expert": 8}'."""
+    import json
+    import os
+
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={flags.devices}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from experiments.plan import memory_plan
+    from glm_jax import ModelConfig, sharding
+
+    config = flags.config
+    model_cfg = ModelConfig.preset(config.model.preset, **dict(config.model.overrides))
+    mesh = sharding.make_mesh(json.loads(flags.mesh))
+    print(json.dumps(memory_plan(config, model_cfg, mesh, rows_per_device=flags.rows_per_device)))
+
+
+COMMANDS = {"pretrain": pretrain, "demo": demo, "convert": convert, "plan": plan}

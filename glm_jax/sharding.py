@@ -4,7 +4,7 @@ The mesh has four named axes, any of which may have size 1:
   data    pure data parallelism (parameters replicated)
   fsdp    data parallelism with parameters (and optimizer state) sharded along `embed`
   expert  expert parallelism: routed experts split across it; for everything else it is one
-          more data-parallel axis
+          more FSDP axis (non-expert weights shard `embed` over fsdp x expert)
   tensor  tensor parallelism: heads, MLP width, expert width and vocabulary split across it
 Every parameter carries `logical_axes` metadata (one name per axis, stacked layer axes excluded);
 `RULES` maps those names to mesh axes. A dimension that a mesh axis does not divide stays
@@ -27,7 +27,7 @@ BATCH_AXES = ("data", "fsdp", "expert")  # the axes a batch is split over
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),  # non-expert weights: FSDP over both data-sharded axes
     ("vocab", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),

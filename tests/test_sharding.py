@@ -87,8 +87,8 @@ def test_parameters_created_directly_sharded():
     mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
     model = sharding.create_sharded(lambda: GlmMoeModel(CONFIG, rngs=nnx.Rngs(0)), mesh)
     spec = model.moe_layers.mlp.experts.gate_proj[...].sharding.spec
-    assert tuple(spec) == (None, "expert", "fsdp", "tensor")
-    assert tuple(model.embed_tokens.embedding[...].sharding.spec) == ("tensor", "fsdp")
+    assert tuple(spec) == (None, "expert", "fsdp", "tensor")  # embed: fsdp (expert is taken)
+    assert tuple(model.embed_tokens.embedding[...].sharding.spec) == ("tensor", ("fsdp", "expert"))
     assert tuple(model.moe_layers.mlp.gate.e_score_correction_bias[...].sharding.spec) == (
         None, "expert")
 
@@ -113,3 +113,21 @@ def test_mesh_construction_errors():
         sharding.make_mesh({"expert": 3})
     assert dict(sharding.make_mesh({"expert": 4}).shape) == {"data": 2, "fsdp": 1, "expert": 4,
                                                              "tensor": 1}
+
+
+def test_memory_plan_counts_shards_exactly():
+    from configs import pretrain_tiny
+    from experiments.plan import GiB, memory_plan
+
+    config = pretrain_tiny.get_config()
+    config.seq_len = 32
+    total = CONFIG.param_counts()["total"] * 4  # float32
+    replicated = memory_plan(config, CONFIG, sharding.make_mesh({"data": 8}))
+    assert round(replicated["param_GiB"] * GiB) == total
+    assert replicated["activations_GiB"] > 0
+    split = memory_plan(config, CONFIG, sharding.make_mesh({"expert": 8}), activations=False)
+    experts = 3 * CONFIG.n_routed_experts * CONFIG.hidden_size * CONFIG.moe_intermediate_size
+    assert split["param_GiB"] < replicated["param_GiB"]
+    # every MoE layer's (and the MTP layer's) expert stack is split 8 ways
+    assert split["optimizer_GiB"] < replicated["optimizer_GiB"] - 0.8 * experts * 4 * (
+        CONFIG.num_moe_layers + 1) / GiB

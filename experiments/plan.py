@@ -1,0 +1,105 @@
+"""Memory plan of a training config on a (virtual) mesh, without any real device memory.
+
+Parameters and optimizer state are counted exactly from their shardings (each device's shard
+shape); activations and temporaries come from XLA's memory analysis of the compiled train step
+for the config's per-device micro-batch. The step is compiled for a shallow copy of the model
+(the dense layers plus two and three MoE layers) and extrapolated per MoE layer: layers are scanned,
+so every MoE layer costs the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glm_jax import sharding
+from glm_jax.model import GlmMoeModel
+from glm_jax.optim import param_labels
+from glm_jax.train.loop import build_optimizer, step_config
+from glm_jax.train.step import TrainState, make_train_step
+
+GiB = 1024 ** 3
+
+
+def _device_bytes(abstract_state, shardings) -> int:
+    total = 0
+    for value, spec in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)):
+        total += math.prod(spec.shard_shape(value.shape)) * np.dtype(value.dtype).itemsize
+    return total
+
+
+def _abstract(model_cfg):
+    """-> graphdef, abstract Param state, abstract non-Param state (the balance biases)."""
+    model = nnx.eval_shape(lambda: GlmMoeModel(model_cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(model, nnx.Param, ...)
+
+
+def _step_temp_bytes(config, model_cfg, mesh, rows_per_device: int) -> int:
+    """XLA's per-device temporary bytes for one compiled train step (activations etc.)."""
+    optimizer, schedule = build_optimizer(config)
+    graphdef, params, buffers = _abstract(model_cfg)
+    params = _placed(params, sharding.state_shardings(params, mesh))
+    buffers = _placed(buffers, sharding.state_shardings(buffers, mesh))
+    opt_state = jax.eval_shape(optimizer.init, params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_like(
+        x, params, replicated)), opt_state)
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, buffers=buffers,
+                       opt_state=opt_state, loss_ema=jax.ShapeDtypeStruct((), jnp.float32))
+    rows = rows_per_device * math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    batch_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES, None))
+    batch = {k: jax.ShapeDtypeStruct((1, rows, config.seq_len),
+                                     jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=batch_sharding)
+             for k in ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")}
+    step = make_train_step(graphdef, optimizer, step_config(config), schedule)
+    with sharding.use_mesh(mesh):
+        compiled = step.lower(state, batch).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def _placed(state, shardings):
+    """Abstract variables whose values carry their shardings."""
+    return jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), state,
+        shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _like(leaf, params, default):
+    """Optimizer leaves shaped like a parameter take that parameter's sharding."""
+    for p in jax.tree.leaves(params):
+        if p.shape == leaf.shape and leaf.ndim:
+            return p.sharding
+    return default
+
+
+def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1,
+                activations: bool = True) -> dict:
+    """Per-device GiB of parameters, optimizer state and (if `activations`, which compiles the
+    step twice) activations/temporaries."""
+    optimizer, _ = build_optimizer(config)
+    _, params, _ = _abstract(model_cfg)
+    p_shard = sharding.state_shardings(params, mesh)
+    param_bytes = _device_bytes(params, p_shard)
+    labels = jax.tree.leaves(param_labels(params))
+    # Muon keeps one float32 momentum per matrix, AdamW two float32 moments per other parameter.
+    opt_bytes = 0
+    for value, spec, label in zip(jax.tree.leaves(params), jax.tree.leaves(p_shard), labels):
+        opt_bytes += math.prod(spec.shard_shape(value.shape)) * 4 * (1 if label == "muon" else 2)
+    plan = {"mesh": dict(mesh.shape), "devices": mesh.size, "rows_per_device": rows_per_device,
+            "seq_len": config.seq_len, "param_GiB": param_bytes / GiB,
+            "optimizer_GiB": opt_bytes / GiB}
+    if not activations:
+        return plan
+    k = model_cfg.first_k_dense_replace
+    shallow = [_step_temp_bytes(config, model_cfg.replace(num_hidden_layers=k + n), mesh,
+                                rows_per_device) for n in (2, 3)]
+    per_moe_layer = shallow[1] - shallow[0]
+    act = shallow[0] + (model_cfg.num_moe_layers - 2) * per_moe_layer
+    return {**plan, "activations_GiB": act / GiB, "activations_per_moe_layer_GiB":
+            per_moe_layer / GiB, "total_GiB": (param_bytes + opt_bytes + act) / GiB}
