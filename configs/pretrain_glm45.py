@@ -13,8 +13,10 @@ def get_config():
     config.schedule_steps = 500_000
     config.warmup_steps = 2_000
     config.seq_len = 4096
-    config.batch_size = 4096  # 16M tokens per step at the start of the batch-size warm-up
-    config.micro_batches = 8
+    config.micro_batches = 16
+    config.batch_size = 16384  # 64M tokens per step after the batch-size warm-up
+    config.batch_warmup.start_batch = 4096  # 16M tokens
+    config.batch_warmup.ramp_tokens = 500 * 10**9
     config.log_every = 10
     config.checkpoint_every = 1_000
     config.tokenizer_path = ""  # GLM-4.5's tokenizer.json

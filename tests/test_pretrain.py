@@ -95,3 +95,16 @@ def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path):
     checkpointer.save(3, {"w": np.full((4,), 3.0, np.float32)}, {"pos": 3})  # the rerun saves on
     checkpointer.wait()
     assert checkpointer.latest_step() == 3
+
+
+def test_batch_size_warmup_schedule():
+    from glm_jax.train.loop import accumulation_schedule
+
+    config = _config("unused", 8)  # batch 4 in 2 micro-batches of 2 rows, seq 32
+    assert [accumulation_schedule(config)(s) for s in range(3)] == [2, 2, 2]
+    config.batch_warmup.start_batch = 2
+    config.batch_warmup.ramp_tokens = 4 * 2 * 32  # four 2-row micro-batches' worth of tokens
+    config.batch_warmup.stages = 2
+    at = accumulation_schedule(config)
+    assert [at(s) for s in range(5)] == [1, 1, 2, 2, 2]  # 64, 128 tokens seen: stage 0; then full
+    assert accumulation_schedule(config)(3) == 2  # a resumed run recomputes the same steps

@@ -25,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.seq_len = 4096
     config.batch_size = 8  # sequences per step, global
     config.micro_batches = 1  # gradient accumulation: batch_size / micro_batches per pass
+    # Batch-size warm-up (SPEC.md §3: 16M -> 64M tokens over 500B): start_batch sequences (0 =
+    # off) ramping to batch_size in `stages` steps over ramp_tokens, by accumulating fewer
+    # micro-batches early on.
+    config.batch_warmup = ml_collections.ConfigDict(dict(start_batch=0, ramp_tokens=0, stages=4))
     config.step = ml_collections.ConfigDict(dict(
         mtp_weight=0.3, mtp_weight_after=0.1, mtp_weight_switch_step=-1, aux_weight=1e-4,
         bias_rate=1e-3, bias_stop_step=-1, spike_factor=3.0, spike_warmup_steps=20))

@@ -20,7 +20,7 @@ from glm_jax import data as data_lib
 from glm_jax import sharding
 from glm_jax.config import ModelConfig
 from glm_jax.model import GlmMoeModel
-from glm_jax.optim import muon, warmup_cosine
+from glm_jax.optim import batch_size_schedule, muon, warmup_cosine
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.metrics import MetricsLogger
 from glm_jax.train.step import StepConfig, TrainState, make_train_step
@@ -89,6 +89,30 @@ def global_batch(batch: dict[str, np.ndarray], micro_batches: int, mesh) -> dict
     return out
 
 
+def accumulation_schedule(config):
+    """step -> micro-batches accumulated into that step. Constant `config.micro_batches`, or,
+    with a batch-size warm-up (`config.batch_warmup.start_batch` > 0), ramping from
+    start_batch to batch_size sequences in stages over `ramp_tokens` tokens."""
+    warmup = config.batch_warmup
+    if not warmup.start_batch:
+        return lambda step: config.micro_batches
+    micro = config.batch_size // config.micro_batches
+    batch_at = batch_size_schedule(
+        start_tokens=warmup.start_batch * config.seq_len,
+        end_tokens=config.batch_size * config.seq_len, ramp_tokens=warmup.ramp_tokens,
+        seq_len=config.seq_len, micro_batch=micro, stages=warmup.stages)
+    counts, tokens = [], 0
+
+    def at(step: int) -> int:
+        nonlocal tokens
+        while len(counts) <= step:  # tokens seen so far follow from the steps before
+            counts.append(batch_at(tokens).accumulation_steps)
+            tokens += counts[-1] * micro * config.seq_len
+        return counts[step]
+
+    return at
+
+
 def pretrain(config) -> list[dict]:
     """Runs until `config.steps`; returns the metrics logged by this run."""
     workdir = Path(config.workdir)
@@ -104,10 +128,12 @@ def pretrain(config) -> list[dict]:
     if config.batch_size % (config.micro_batches * processes):
         raise ValueError(f"batch_size {config.batch_size} is not divisible by micro_batches "
                          f"{config.micro_batches} x processes {processes}")
-    pipeline = data_lib.build_pipeline(
-        config.data, tokenizer=tokenizer, seq_len=config.seq_len,
-        batch_size=config.batch_size // processes, seed=config.seed,
-        shard_index=jax.process_index(), shard_count=processes, cache_dir=workdir / "data")
+    micro_rows = config.batch_size // config.micro_batches // processes
+    pipeline = data_lib.build_pipeline(  # yields this process's rows of one micro-batch
+        config.data, tokenizer=tokenizer, seq_len=config.seq_len, batch_size=micro_rows,
+        seed=config.seed, shard_index=jax.process_index(), shard_count=processes,
+        cache_dir=workdir / "data")
+    accumulation = accumulation_schedule(config)
     batches = iter(pipeline)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     start = checkpointer.latest_step() or 0
@@ -122,11 +148,12 @@ def pretrain(config) -> list[dict]:
     logged = []
     tick, tokens = time.perf_counter(), 0.0
     for step in range(start, config.steps):
+        micro = [next(batches) for _ in range(accumulation(step))]
+        batch = {k: np.concatenate([m[k] for m in micro]) for k in micro[0]}
         with sharding.use_mesh(mesh):
-            state, metrics = train_step(state, global_batch(next(batches), config.micro_batches,
-                                                            mesh))
+            state, metrics = train_step(state, global_batch(batch, len(micro), mesh))
         done = step + 1
-        tokens += config.batch_size * config.seq_len
+        tokens += len(micro) * micro_rows * processes * config.seq_len
         logger.advance()
         if done % config.log_every == 0 or done == config.steps:
             metrics = jax.device_get(metrics)
