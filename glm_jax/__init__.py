@@ -2,7 +2,8 @@
 
 from glm_jax.config import ConfigError, ModelConfig
 from glm_jax.convert import CheckpointError, load_hf, save_hf
+from glm_jax.infer import parse_output, render_chat
 from glm_jax.model import GlmMoeModel, ModelOutput, MoeStats, RouterBias
 
 __all__ = ["CheckpointError", "ConfigError", "GlmMoeModel", "ModelConfig", "ModelOutput",
-           "MoeStats", "RouterBias", "load_hf", "save_hf"]
+           "MoeStats", "RouterBias", "load_hf", "parse_output", "render_chat", "save_hf"]
