@@ -39,8 +39,12 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask):
-        """x [B, S, H]; cos/sin [B, S, rotary_dim]; mask [B, 1, 1, S, S] bool -> [B, S, H]."""
+    def __call__(self, x, cos, sin, mask, cache=None):
+        """x [B, S, H]; cos/sin [B, S, rotary_dim]; mask [B, 1, 1, S, T] bool -> ([B, S, H], kv).
+
+        Without `cache`, T = S and kv is None. With `cache` = (k [B, T, K, D], v, index), this
+        step's keys and values are written at slots [index, index + S) and the queries attend
+        over all T slots; kv is the updated (k, v)."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -48,8 +52,14 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = grouped_attention(q, k, v, mask)
-        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+        kv = None
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
+            kv = (k, v)
+        out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), kv
 
 
 def grouped_attention(q, k, v, mask):

@@ -16,6 +16,7 @@ from flax import nnx
 
 from glm_jax.config import ModelConfig
 from glm_jax.model.attention import Attention, segment_mask
+from glm_jax.model.cache import KVCache
 from glm_jax.model.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
 from glm_jax.model.moe import MoE, MoeStats
 
@@ -44,13 +45,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = (MoE(config, rngs=rngs) if moe else
                     MLP(config.hidden_size, config.intermediate_size, config=config, rngs=rngs))
 
-    def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, MoeStats | None]:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, mask, cache=None):
+        """-> (x, MoeStats or None, updated kv cache or None); see Attention for `cache`."""
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = x + attn
         y = self.post_attention_layernorm(h)
         if self.moe:
             y, stats = self.mlp(y)
-            return h + y, stats
-        return h + self.mlp(y), None
+            return h + y, stats, kv
+        return h + self.mlp(y), None, kv
 
 
 def stacked_layers(config: ModelConfig, count: int, *, moe: bool, rngs: nnx.Rngs):
@@ -64,16 +67,22 @@ def stacked_layers(config: ModelConfig, count: int, *, moe: bool, rngs: nnx.Rngs
     return make(rngs)
 
 
-def scan_layers(layers, x, cos, sin, mask, remat: str):
-    """Runs stacked layers with lax.scan; returns (x, per-layer stats stacked on axis 0)."""
+def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None):
+    """Runs stacked layers with lax.scan -> (x, per-layer stats, per-layer (k, v) or None),
+    stacked on axis 0. `cache` = (k [L, B, T, K, D], v, index) for cached decoding."""
     graphdef, state = nnx.split(layers)
 
-    def body(carry, layer_state):
-        return nnx.merge(graphdef, layer_state)(carry, cos, sin, mask)
+    def body(carry, xs):
+        layer_state, kv = xs
+        layer_cache = None if kv is None else (*kv, cache[2])
+        x, stats, new_kv = nnx.merge(graphdef, layer_state)(carry, cos, sin, mask, layer_cache)
+        return x, (stats, new_kv)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[remat], prevent_cse=False)
-    return jax.lax.scan(body, x, state)
+    kv = None if cache is None else cache[:2]
+    x, (stats, new_kv) = jax.lax.scan(body, x, (state, kv))
+    return x, stats, new_kv
 
 
 class SharedHead(nnx.Module):
@@ -103,7 +112,7 @@ class MultiTokenPredictor(nnx.Module):
     def __call__(self, hidden, next_ids, cos, sin, mask) -> tuple[jax.Array, MoeStats]:
         e = self.enorm(self.embed_tokens(next_ids))
         x = self.eh_proj(jnp.concatenate([e, self.hnorm(hidden).astype(e.dtype)], axis=-1))
-        x, stats = self.layer(x, cos, sin, mask)
+        x, stats, _ = self.layer(x, cos, sin, mask)
         return self.shared_head(x), stats
 
 
@@ -136,14 +145,40 @@ class GlmMoeModel(nnx.Module):
         segment_ids, positions = resolve_segments(input_ids, segment_ids, positions, attention_mask)
         cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
         mask = segment_mask(segment_ids)
+        output, _ = self._run(input_ids, cos, sin, mask, None)
+        return output
+
+    def _run(self, input_ids, cos, sin, mask, cache: KVCache | None):
         x = self.embed_tokens(input_ids)
-        stats = None
-        if self.dense_layers is not None:
-            x, _ = scan_layers(self.dense_layers, x, cos, sin, mask, self.config.remat)
-        if self.moe_layers is not None:
-            x, stats = scan_layers(self.moe_layers, x, cos, sin, mask, self.config.remat)
+        stats, new_k, new_v = None, {}, {}
+        for name in ("dense_layers", "moe_layers"):
+            layers = getattr(self, name)
+            if layers is None:
+                continue
+            layer_cache = None if cache is None else (cache.k[name], cache.v[name], cache.length)
+            x, layer_stats, kv = scan_layers(layers, x, cos, sin, mask, self.config.remat,
+                                             layer_cache)
+            if name == "moe_layers":
+                stats = layer_stats
+            if kv is not None:
+                new_k[name], new_v[name] = kv
         x = self.norm(x)
-        return ModelOutput(logits=self.lm_head(x), hidden=x, moe_stats=stats)
+        output = ModelOutput(logits=self.lm_head(x), hidden=x, moe_stats=stats)
+        return output, (None if cache is None else cache.replace(k=new_k, v=new_v))
+
+    def forward_cached(self, input_ids, cache: KVCache, *, valid=None
+                       ) -> tuple[ModelOutput, KVCache]:
+        """Runs `input_ids` [B, S] as the next S slots of `cache` (prefill: the prompt; decode:
+        one token). `valid` [B, S] (default all True) marks real tokens; padding slots are never
+        attended to and do not advance a row's positions, so left-padded prompts of different
+        lengths decode exactly as if each ran alone."""
+        chex.assert_rank(input_ids, 2)
+        if valid is None:
+            valid = jnp.ones(input_ids.shape, bool)
+        cache, positions, mask = cache.advance(valid)
+        cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
+        output, cache = self._run(input_ids, cos, sin, mask, cache)
+        return output, cache.replace(length=cache.length + input_ids.shape[1])
 
     def mtp_logits(self, hidden, next_ids, *, segment_ids=None, positions=None):
         """MTP logits [B, S, V]: row t predicts token t+2 from `hidden[:, t]` (the main model's
