@@ -86,3 +86,26 @@ def test_sharded_generation_matches(model, greedy):
     with sharding.use_mesh(mesh):
         out = generate(placed, PROMPTS, max_new_tokens=8, sampling=GREEDY)
     np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
+def test_mtp_speculative_equals_greedy(model, greedy):
+    from glm_jax.infer.speculative import speculative_greedy
+
+    for row, prompt in enumerate(PROMPTS):
+        result = speculative_greedy(model, prompt, max_new_tokens=8)
+        assert result.tokens == greedy.tokens[row].tolist()
+        assert result.main_forwards <= 7 and 0 <= result.acceptance_rate <= 1
+
+
+def test_mtp_speculative_accepts_a_perfect_drafter(model):
+    """Zeroed output norms make every logit 0 in both heads, so greedy (lowest id on ties) and the
+    MTP guess are always token 0: every draft is accepted and the main forwards halve."""
+    from glm_jax.infer.speculative import speculative_greedy
+
+    graphdef, state = nnx.split(model)
+    agreeing = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    for scale in (agreeing.norm.scale, agreeing.mtp.shared_head.norm.scale):
+        scale[...] = jnp.zeros_like(scale[...])
+    result = speculative_greedy(agreeing, PROMPTS[0], max_new_tokens=9)
+    assert result.tokens == [0] * 9
+    assert result.acceptance_rate == 1.0 and result.main_forwards == 4

@@ -65,7 +65,9 @@ def quantize_blockwise(w: jax.Array, block: tuple[int, int] = DEFAULT_BLOCK) -> 
     na, nb = -(-a // ba), -(-b // bb)
     pad = [(0, 0)] * len(lead) + [(0, na * ba - a), (0, nb * bb - b)]
     blocks = jnp.pad(w.astype(jnp.float32), pad).reshape(*lead, na, ba, nb, bb)
-    scales = jnp.max(jnp.abs(blocks), axis=(-3, -1)) / E4M3_MAX  # [..., na, nb]
+    # Times the float32 reciprocal, not "/ 448": XLA rewrites a division by a constant that way
+    # under jit but not op by op, and eager and jitted scales must agree bit for bit.
+    scales = jnp.max(jnp.abs(blocks), axis=(-3, -1)) * jnp.float32(1 / E4M3_MAX)  # [..., na, nb]
     divisor = jnp.where(scales > 0, scales, 1.0)[..., :, None, :, None]
     # |w| / scale <= 448 in exact arithmetic; the clip guards float32 division rounding, since
     # float8_e4m3fn casts do not saturate (values past 464 become NaN).

@@ -20,10 +20,12 @@ class KVCache(struct.PyTreeNode):
     length: jax.Array  # [] int32: slots written so far (the same for every row)
 
     @classmethod
-    def create(cls, config: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
+    def create(cls, config: ModelConfig, batch: int, max_length: int, dtype=None, *,
+               mtp: bool = False) -> KVCache:
+        """The main model's cache, or with `mtp` the MTP layer's (one layer, stack "mtp")."""
         dtype = dtype or config.jnp_dtype
-        stacks = {"dense_layers": config.first_k_dense_replace,
-                  "moe_layers": config.num_moe_layers}
+        stacks = ({"mtp": 1} if mtp else {"dense_layers": config.first_k_dense_replace,
+                                          "moe_layers": config.num_moe_layers})
         shape = (batch, max_length, config.num_key_value_heads, config.head_dim)
         k = {name: jnp.zeros((n,) + shape, dtype) for name, n in stacks.items() if n}
         return cls(k=k, v=jax.tree.map(jnp.zeros_like, k),
@@ -47,3 +49,11 @@ class KVCache(struct.PyTreeNode):
         cache = self.replace(valid=all_valid,
                              next_position=self.next_position + jnp.sum(valid, 1, dtype=jnp.int32))
         return cache, positions, mask
+
+    def rewind(self, n: int) -> KVCache:
+        """Forgets the last `n` slots (all real tokens), e.g. a rejected speculative draft; the
+        next write reuses them."""
+        length = self.length - n
+        valid = jax.lax.dynamic_update_slice_in_dim(
+            self.valid, jnp.zeros((self.valid.shape[0], n), bool), length, 1)
+        return self.replace(valid=valid, next_position=self.next_position - n, length=length)

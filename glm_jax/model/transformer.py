@@ -109,11 +109,12 @@ class MultiTokenPredictor(nnx.Module):
         self.layer = DecoderLayer(config, moe=True, rngs=rngs)
         self.shared_head = SharedHead(config, rngs=rngs)
 
-    def __call__(self, hidden, next_ids, cos, sin, mask) -> tuple[jax.Array, MoeStats]:
+    def __call__(self, hidden, next_ids, cos, sin, mask, cache=None):
+        """-> (logits, MoeStats, updated kv or None); `cache` as for Attention."""
         e = self.enorm(self.embed_tokens(next_ids))
         x = self.eh_proj(jnp.concatenate([e, self.hnorm(hidden).astype(e.dtype)], axis=-1))
-        x, stats, _ = self.layer(x, cos, sin, mask)
-        return self.shared_head(x), stats
+        x, stats, kv = self.layer(x, cos, sin, mask, cache)
+        return self.shared_head(x), stats, kv
 
 
 class GlmMoeModel(nnx.Module):
@@ -195,7 +196,19 @@ class GlmMoeModel(nnx.Module):
         chex.assert_equal_shape_prefix([hidden, next_ids], 2)
         segment_ids, positions = resolve_segments(next_ids, segment_ids, positions, None)
         cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
-        return self.mtp(hidden, next_ids, cos, sin, segment_mask(segment_ids))
+        logits, stats, _ = self.mtp(hidden, next_ids, cos, sin, segment_mask(segment_ids))
+        return logits, stats
+
+    def mtp_cached(self, hidden, next_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """`mtp_logits` over the next S slots of an MTP cache (`KVCache.create(..., mtp=True)`),
+        for speculative decoding: row t of the inputs is MTP position cache.length + t."""
+        chex.assert_rank(next_ids, 2)
+        cache, positions, mask = cache.advance(jnp.ones(next_ids.shape, bool))
+        cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
+        logits, _, (k, v) = self.mtp(hidden, next_ids, cos, sin, mask,
+                                     (cache.k["mtp"][0], cache.v["mtp"][0], cache.length))
+        return logits, cache.replace(k={"mtp": k[None]}, v={"mtp": v[None]},
+                                     length=cache.length + next_ids.shape[1])
 
 
 def resolve_segments(input_ids, segment_ids, positions, padding_mask):
