@@ -3,6 +3,8 @@
 Commands:
   pretrain  --config=configs/pretrain_tiny.py [--config.steps=... --config.workdir=...]
   demo      pre-train the tiny model on the local Python stdlib (CPU, minutes), then sample
+  generate  --checkpoint=DIR --prompt="...": stream a continuation (HF dir or pretrain workdir)
+  chat      --checkpoint=DIR [--nothinking] [--tools=tools.json]: chat on stdin, GLM-4.5 format
   plan      --config=... --devices=N --mesh='{"fsdp": 16, "expert": 8}': per-device memory
   convert   --checkpoint=DIR: load a Hugging Face GLM-4.5 checkpoint, print its config and size
 
@@ -24,15 +26,20 @@ config_flags.DEFINE_config_file("config", None, "experiment config file (configs
 flags.DEFINE_string("coordinator_address", None, "multi-process runs: host:port of process 0")
 flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
-flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory (convert)")
-flags.DEFINE_integer("steps", 64, "tokens to sample (demo)")
-flags.DEFINE_string("prompt", "def ", "text to continue (demo)")
+flags.DEFINE_string("checkpoint", None,
+                    "Hugging Face directory, or a pre-training workdir (generate, chat, convert)")
+flags.DEFINE_integer("steps", 64, "tokens to sample (demo, generate, chat)")
+flags.DEFINE_string("prompt", "def ", "text to continue (demo, generate)")
 flags.DEFINE_string("workdir", None, "workdir of the demo run (default: the config's)")
 flags.DEFINE_integer("devices", 8, "virtual CPU devices (plan)")
 flags.DEFINE_string("mesh", "{}", "mesh axis sizes as JSON (plan)")
 flags.DEFINE_integer("rows_per_device", 1, "sequences per device per micro-batch (plan)")
-flags.DEFINE_float("temperature", 0.7, "sampling temperature, 0 = greedy (demo)")
-flags.DEFINE_integer("seed", 0, "sampling seed (demo)")
+flags.DEFINE_float("temperature", 0.7, "sampling temperature, 0 = greedy")
+flags.DEFINE_integer("top_k", 0, "sample among the k likeliest tokens (0 = off)")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
+flags.DEFINE_bool("thinking", True, "chat: hybrid thinking on (off appends /nothink)")
+flags.DEFINE_string("tools", None, "chat: JSON file with a list of tool definitions")
+flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
 def main(argv):
