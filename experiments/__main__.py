@@ -5,6 +5,7 @@ Commands:
   demo      pre-train the tiny model on the local Python stdlib (CPU, minutes), then sample
   generate  --checkpoint=DIR --prompt="...": stream a continuation (HF dir or pretrain workdir)
   chat      --checkpoint=DIR [--nothinking] [--tools=tools.json]: chat on stdin, GLM-4.5 format
+  bench     --what=decode [--preset=glm45_mini]: JSON lines, peers measured in the same run
   plan      --config=... --devices=N --mesh='{"fsdp": 16, "expert": 8}': per-device memory
   convert   --checkpoint=DIR: load a Hugging Face GLM-4.5 checkpoint, print its config and size
 
@@ -31,6 +32,8 @@ flags.DEFINE_string("checkpoint", None,
 flags.DEFINE_integer("steps", 64, "tokens to sample (demo, generate, chat)")
 flags.DEFINE_string("prompt", "def ", "text to continue (demo, generate)")
 flags.DEFINE_string("workdir", None, "workdir of the demo run (default: the config's)")
+flags.DEFINE_string("what", "decode", "bench: which benchmark")
+flags.DEFINE_string("preset", "glm45_mini", "bench: model preset")
 flags.DEFINE_integer("devices", 8, "virtual CPU devices (plan)")
 flags.DEFINE_string("mesh", "{}", "mesh axis sizes as JSON (plan)")
 flags.DEFINE_integer("rows_per_device", 1, "sequences per device per micro-batch (plan)")

@@ -169,5 +169,14 @@ def plan(flags) -> None:
     print(json.dumps(memory_plan(config, model_cfg, mesh, rows_per_device=flags.rows_per_device)))
 
 
+def bench(flags) -> None:
+    """JSON-line benchmarks: --what=decode [--preset=glm45_mini]."""
+    from experiments import bench as benchmarks
+
+    if flags.what not in benchmarks.BENCHMARKS:
+        raise ValueError(f"--what must be one of {sorted(benchmarks.BENCHMARKS)}")
+    benchmarks.BENCHMARKS[flags.what](flags.preset)
+
+
 COMMANDS = {"pretrain": pretrain, "demo": demo, "generate": generate, "chat": chat,
-            "convert": convert, "plan": plan}
+            "convert": convert, "plan": plan, "bench": bench}
