@@ -1,7 +1,13 @@
-"""Inference: KV-cache generation and sampling, the GLM-4.5 chat format."""
+"""Inference: KV-cache generation and sampling, MTP speculative decoding, FP8 weights, the
+GLM-4.5 chat format."""
 
 from glm_jax.infer.chat import parse_output, render_chat, render_tool_calls
+from glm_jax.infer.fp8 import (Fp8Tensor, WeightBytes, dequantize, fp8_weight_bytes,
+                               is_fp8_weight, quantize_blockwise, quantize_model, quantize_params)
 from glm_jax.infer.generate import Generation, SamplingConfig, generate, sample, stream
+from glm_jax.infer.speculative import SpeculativeResult, speculative_greedy
 
-__all__ = ["Generation", "SamplingConfig", "generate", "parse_output", "render_chat",
-           "render_tool_calls", "sample", "stream"]
+__all__ = ["Fp8Tensor", "Generation", "SamplingConfig", "SpeculativeResult", "WeightBytes",
+           "dequantize", "fp8_weight_bytes", "generate", "is_fp8_weight", "parse_output",
+           "quantize_blockwise", "quantize_model", "quantize_params", "render_chat",
+           "render_tool_calls", "sample", "speculative_greedy", "stream"]

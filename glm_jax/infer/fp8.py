@@ -24,9 +24,9 @@ quant therefore runs anywhere (CPU tests included) and is the reference that a f
 FP8 kernel (GPU / TPU, saving the ~2x weight bytes of `fp8_weight_bytes` per decode step) must
 match to within accumulation-order error.
 
-"Online at each update": quantisation is a pure jnp function of the new weights, so jit it
-(`jax.jit(quantize_params, static_argnames="block")`) and run it after every optimizer step
-before handing the weights to the rollout engine.
+"Online at each update": quantisation is a pure jnp function of the new weights, run after every
+optimizer step before the weights go to the rollout engine (`quantize_model` jits it; jit
+`quantize_params` yourself where the state is already split).
 """
 
 from __future__ import annotations
@@ -59,19 +59,22 @@ class Fp8Tensor:
 def quantize_blockwise(w: jax.Array, block: tuple[int, int] = DEFAULT_BLOCK) -> Fp8Tensor:
     """w [..., A, B] -> Fp8Tensor. Dimensions that are not multiples of the block are zero-padded
     (zeros never raise a block's amax) and cropped again. An all-zero block gets scale 0 and
-    values 0 (dividing by a stand-in 1 instead of 0 avoids 0/0 = NaN); exact zeros stay zero."""
+    values 0 (no 0/0 = NaN); exact zeros stay zero."""
     *lead, a, b = w.shape
     ba, bb = block
     na, nb = -(-a // ba), -(-b // bb)
     pad = [(0, 0)] * len(lead) + [(0, na * ba - a), (0, nb * bb - b)]
     blocks = jnp.pad(w.astype(jnp.float32), pad).reshape(*lead, na, ba, nb, bb)
-    # Times the float32 reciprocal, not "/ 448": XLA rewrites a division by a constant that way
-    # under jit but not op by op, and eager and jitted scales must agree bit for bit.
+    # Both divisions are written as multiplications by reciprocals because that is what XLA
+    # turns them into under jit (a division by a constant or by a broadcast) but not op by op:
+    # spelled out, eager and jitted results agree bit for bit. An all-zero block divides by a
+    # stand-in 1 instead of 0.
     scales = jnp.max(jnp.abs(blocks), axis=(-3, -1)) * jnp.float32(1 / E4M3_MAX)  # [..., na, nb]
-    divisor = jnp.where(scales > 0, scales, 1.0)[..., :, None, :, None]
-    # |w| / scale <= 448 in exact arithmetic; the clip guards float32 division rounding, since
-    # float8_e4m3fn casts do not saturate (values past 464 become NaN).
-    q = jnp.clip(blocks / divisor, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    inverse = 1.0 / jnp.where(scales > 0, scales, 1.0)
+    # |w| / scale <= 448 up to float32 rounding; clip, since float8_e4m3fn casts do not
+    # saturate (values past 464 become NaN).
+    q = jnp.clip(blocks * inverse[..., :, None, :, None], -E4M3_MAX, E4M3_MAX)
+    q = q.astype(jnp.float8_e4m3fn)
     values = q.reshape(*lead, na * ba, nb * bb)[..., :a, :b]
     return Fp8Tensor(values=values, scales=scales, block=tuple(block))
 
@@ -108,10 +111,14 @@ def quantize_params(params, *, block: tuple[int, int] = DEFAULT_BLOCK):
         fake_quant, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+_quantize_params_jit = jax.jit(quantize_params, static_argnames="block")
+
+
 def quantize_model(model: nnx.Module, *, block: tuple[int, int] = DEFAULT_BLOCK) -> nnx.Module:
-    """A new model whose FP8 weights are fake-quantised (`quantize_params`); `model` is unchanged."""
+    """A new model whose FP8 weights are fake-quantised (`quantize_params`, jitted: one program,
+    compiled once and reused at every update); `model` is unchanged."""
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, quantize_params(state, block=block))
+    return nnx.merge(graphdef, _quantize_params_jit(state, block=block))
 
 
 class WeightBytes(NamedTuple):
