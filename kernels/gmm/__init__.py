@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from kernels.gmm import reference
+from kernels.gmm import reference, tpu
 
 Array = jax.Array
 
@@ -28,16 +28,17 @@ class GmmBackend(NamedTuple):
 
 BACKENDS: dict[str, GmmBackend] = {
     "reference": GmmBackend(reference.gmm, reference.tgmm),
+    "tpu": GmmBackend(tpu.gmm, tpu.tgmm),  # megablox Pallas kernels
 }
 
 
 def _auto_backend() -> str:
     """The one place that picks a backend per platform (jax.default_backend()).
 
-    Pallas GPU/TPU kernels get added to BACKENDS and chosen here; until then
-    every platform uses the reference.
+    TPU uses the megablox Pallas kernels; platforms without a kernel in
+    BACKENDS use the reference.
     """
-    return "reference"
+    return "tpu" if jax.default_backend() == "tpu" else "reference"
 
 
 def _resolve_backend(backend: str) -> str:
@@ -124,4 +125,4 @@ def _gmm_bwd(
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
-__all__ = ["BACKENDS", "GmmBackend", "gmm", "reference"]
+__all__ = ["BACKENDS", "GmmBackend", "gmm", "reference", "tpu"]
