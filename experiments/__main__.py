@@ -5,7 +5,7 @@ Commands:
   demo      pre-train the tiny model on the local Python stdlib (CPU, minutes), then sample
   generate  --checkpoint=DIR --prompt="...": stream a continuation (HF dir or pretrain workdir)
   chat      --checkpoint=DIR [--nothinking] [--tools=tools.json]: chat on stdin, GLM-4.5 format
-  bench     --what=decode [--preset=glm45_mini]: JSON lines, peers measured in the same run
+  bench     --what=decode [--preset=glm45_mini] | --what=kernels: JSON lines, peers in the same run
   plan      --config=... --devices=N --mesh='{"fsdp": 16, "expert": 8}': per-device memory
   convert   --checkpoint=DIR: load a Hugging Face GLM-4.5 checkpoint, print its config and size
 

@@ -1,5 +1,9 @@
 """Benchmarks, printed as JSON lines; peers are measured in the same run.
 
+kernels: grouped matmul at the GLM-4.5-Air / GLM-4.5 expert shapes (a CPU-sized shape on CPU)
+against jax.lax.ragged_dot, tokamax, torch._grouped_mm and the dense ceiling; routing vs its
+jnp reference.
+
 decode: glm_jax generation (KV cache, jitted while-loop decode, greedy) at batch 1 / 16 / 64,
 plus prefill tokens/s; and, when torch and transformers are importable, transformers'
 `generate` on the same weights and settings (its fastest MoE path, `grouped_mm`), with ratios.
@@ -86,4 +90,108 @@ def decode(preset: str, *, prompt_len: int = 128, new_tokens: int = 128,
         _emit(record)
 
 
-BENCHMARKS = {"decode": decode}
+# (name, rows = tokens x top-k, K = hidden, N = fused gate+up width, experts)
+GMM_SHAPES = [("glm45_air", 16384 * 8, 4096, 2 * 1408, 128),
+              ("glm45", 16384 * 8, 5120, 2 * 1536, 160)]
+CPU_GMM_SHAPES = [("tiny_cpu", 2048, 256, 128, 16)]  # the same code path at a CPU-sized shape
+
+
+def _group_sizes(rows: int, groups: int, rng) -> np.ndarray:
+    """Imbalanced but realistic loads: Dirichlet(1) shares (a few experts 3-4x the mean)."""
+    sizes = np.floor(rng.dirichlet(np.ones(groups)) * rows).astype(np.int32)
+    sizes[0] += rows - sizes.sum()
+    return sizes
+
+
+def _jax_timer(fn, *args):
+    jitted = jax.jit(fn)
+    return _time(lambda: jax.block_until_ready(jitted(*args)))
+
+
+def _torch_grouped_mm(lhs, rhs, sizes):
+    """(fwd seconds, fwd+bwd seconds) of torch._grouped_mm on CUDA, or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
+        return None
+    a = torch.randn(lhs.shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(rhs.shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    offsets = torch.tensor(np.cumsum(sizes), device="cuda", dtype=torch.int32)
+
+    def fwd():
+        torch._grouped_mm(a, b, offs=offsets)
+        torch.cuda.synchronize()
+
+    def fwd_bwd():
+        torch._grouped_mm(a, b, offs=offsets).sum().backward()
+        torch.cuda.synchronize()
+
+    return _time(fwd), _time(fwd_bwd)
+
+
+def kernels_bench(preset: str = "") -> None:
+    """Grouped-matmul TFLOP/s (forward and forward+backward) of kernels.gmm against
+    jax.lax.ragged_dot, tokamax (if importable), torch._grouped_mm (if CUDA torch) and the dense
+    matmul of the same FLOPs; then routing time against the jnp reference."""
+    import jax.numpy as jnp
+
+    import kernels
+    from kernels.routing import reference as routing_reference
+
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = jnp.float32 if on_cpu else jnp.bfloat16
+    rng = np.random.default_rng(0)
+    device = jax.devices()[0].device_kind
+    for name, rows, k, n, groups in (CPU_GMM_SHAPES if on_cpu else GMM_SHAPES):
+        sizes = jnp.asarray(_group_sizes(rows, groups, rng))
+        lhs = jnp.asarray(rng.normal(size=(rows, k)), dtype)
+        rhs = jnp.asarray(rng.normal(size=(groups, k, n)) / np.sqrt(k), dtype)
+        flops = 2 * rows * k * n
+        candidates = {
+            "kernels.gmm": lambda x, w: kernels.gmm(x, w, sizes),
+            "lax.ragged_dot": lambda x, w: jax.lax.ragged_dot(x, w, sizes),
+            "dense_matmul": lambda x, w: x @ w[0],
+        }
+        try:
+            import tokamax
+            candidates["tokamax.ragged_dot"] = lambda x, w: tokamax.ragged_dot(x, w, sizes)
+        except ImportError:
+            pass
+        results = {}
+        for label, fn in candidates.items():
+            loss = lambda x, w, fn=fn: jnp.sum(fn(x, w).astype(jnp.float32))
+            try:
+                forward = _jax_timer(fn, lhs, rhs)
+                both = _jax_timer(jax.grad(loss, argnums=(0, 1)), lhs, rhs) + forward
+            except Exception as error:  # e.g. out of memory for a densely lowered ragged_dot
+                _emit({"bench": "gmm", "shape": name, "impl": label, "error": str(error)[:200]})
+                continue
+            results[label] = (flops / forward / 1e12, 3 * flops / both / 1e12)
+        torch_times = _torch_grouped_mm(lhs, rhs, np.asarray(sizes))
+        if torch_times is not None:
+            results["torch._grouped_mm"] = (flops / torch_times[0] / 1e12,
+                                            3 * flops / torch_times[1] / 1e12)
+        ours = results.get("kernels.gmm")
+        for label, (fwd, fwd_bwd) in results.items():
+            record = {"bench": "gmm", "shape": name, "rows": rows, "k": k, "n": n,
+                      "experts": groups, "device": device, "dtype": jnp.dtype(dtype).name,
+                      "impl": label, "fwd_tflops": round(fwd, 2), "fwd_bwd_tflops": round(fwd_bwd, 2)}
+            if ours and label != "kernels.gmm":
+                record.update(gmm_fwd_ratio=round(ours[0] / fwd, 2),
+                              gmm_fwd_bwd_ratio=round(ours[1] / fwd_bwd, 2))
+            _emit(record)
+    for tokens, experts in ((4096 if on_cpu else 16384, 128), (4096 if on_cpu else 16384, 160)):
+        logits = jnp.asarray(rng.normal(size=(tokens, experts)), jnp.float32)
+        bias = jnp.zeros((experts,), jnp.float32)
+        args = dict(top_k=8, n_group=1, topk_group=1, norm_topk_prob=True,
+                    routed_scaling_factor=2.5)
+        fast = _jax_timer(lambda l, b: kernels.route(l, b, **args), logits, bias)
+        ref = _jax_timer(lambda l, b: routing_reference.route(l, b, **args), logits, bias)
+        _emit({"bench": "route", "tokens": tokens, "experts": experts, "device": device,
+               "auto_ms": round(fast * 1e3, 3), "reference_ms": round(ref * 1e3, 3),
+               "speedup": round(ref / fast, 2)})
+
+
+BENCHMARKS = {"decode": decode, "kernels": kernels_bench}

@@ -170,7 +170,7 @@ def plan(flags) -> None:
 
 
 def bench(flags) -> None:
-    """JSON-line benchmarks: --what=decode [--preset=glm45_mini]."""
+    """JSON-line benchmarks: --what=decode [--preset=glm45_mini], --what=kernels."""
     from experiments import bench as benchmarks
 
     if flags.what not in benchmarks.BENCHMARKS:
