@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm_jax.config import ModelConfig
+from glm_jax.sharding import constrain
 
 
 def normal_param(rngs: nnx.Rngs, shape, axes, config: ModelConfig) -> nnx.Param:
@@ -46,7 +47,10 @@ class Embed(nnx.Module):
         self.dtype = config.jnp_dtype
 
     def __call__(self, ids):  # [B, S] -> [B, S, H]
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Gather whole rows: under FSDP the table's `embed` axis is sharded like the batch, which
+        # a gather cannot use, so all-gather it first (as for any FSDP weight at its use).
+        table = constrain(self.embedding[...], "vocab", None)
+        return constrain(jnp.take(table, ids, axis=0).astype(self.dtype), "batch", "seq", None)
 
 
 class RMSNorm(nnx.Module):
