@@ -125,6 +125,7 @@ def test_tile_choice(dim, max_tile, tile):
 
 
 def test_auto_backend_picks_tpu_on_tpu(monkeypatch):
-    assert gmm_pkg._auto_backend() == ("tpu" if jax.default_backend() == "tpu" else "reference")
+    expected = "tpu" if jax.default_backend() == "tpu" else "reference"
+    assert gmm_pkg._auto_backend() == expected
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert gmm_pkg._auto_backend() == "tpu"

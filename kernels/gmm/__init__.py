@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from kernels.gmm import reference, tpu
+from kernels.gmm import gpu, reference, tpu
 
 Array = jax.Array
 
@@ -29,14 +29,17 @@ class GmmBackend(NamedTuple):
 BACKENDS: dict[str, GmmBackend] = {
     "reference": GmmBackend(reference.gmm, reference.tgmm),
     "tpu": GmmBackend(tpu.gmm, tpu.tgmm),  # megablox Pallas kernels
+    "gpu": GmmBackend(gpu.gmm, gpu.tgmm),  # our Pallas Triton kernels
 }
 
 
 def _auto_backend() -> str:
     """The one place that picks a backend per platform (jax.default_backend()).
 
-    TPU uses the megablox Pallas kernels; platforms without a kernel in
-    BACKENDS use the reference.
+    TPU uses jax's megablox kernels. The Pallas GPU kernels ("gpu") are
+    registered but only tested in interpret mode so far: they become GPU's
+    default once they have been verified and measured on an H100 (issue 3);
+    until then GPU, like CPU, uses the reference.
     """
     return "tpu" if jax.default_backend() == "tpu" else "reference"
 
@@ -125,4 +128,4 @@ def _gmm_bwd(
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
-__all__ = ["BACKENDS", "GmmBackend", "gmm", "reference", "tpu"]
+__all__ = ["BACKENDS", "GmmBackend", "gmm", "gpu", "reference", "tpu"]

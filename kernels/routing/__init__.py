@@ -6,18 +6,22 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from kernels.routing import reference
+from kernels.routing import pallas, reference
 from kernels.routing.permute import ExpertSort, sort_by_expert, unsort
 
 Array = jax.Array
 
 BACKENDS: dict[str, Callable[..., tuple[Array, Array, Array]]] = {
     "reference": reference.route,
+    "pallas": pallas.route,  # fused kernel; Pallas interpreter on CPU
 }
 
 
 def _auto_backend() -> str:
-    """The one place that picks a routing backend per platform; reference for now."""
+    """The one place that picks a routing backend per platform. The fused
+    Pallas kernel ("pallas") has only run interpreted so far; it becomes the
+    GPU/TPU default once compiled and checked on real hardware (issue 3).
+    Until then every platform uses the reference."""
     return "reference"
 
 
