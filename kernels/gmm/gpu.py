@@ -4,7 +4,7 @@ Same contract as ``kernels.gmm.reference``; the schedule is megablox's.
 
 * ``gmm``: a grid over (visit, N tile). A visit is one (group, row tile)
   pair that overlap -- at most ``ceil(M / tm) + G - 1`` of them, listed in jnp
-  by ``reference._schedule`` and passed to the kernel as small int32 arrays
+  by ``reference.schedule`` and passed to the kernel as small int32 arrays
   it indexes with its program id. Each program accumulates its [tm, tn] tile
   over K in float32 and stores only the rows of its group (a masked store), so
   a row tile shared by two groups is written by two programs, row-disjointly.
@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.typing import DTypeLike
 
-from kernels.gmm.reference import _schedule
+from kernels.gmm import reference
 
 Array = jax.Array
 
@@ -138,7 +138,7 @@ def gmm(
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     tm, tk, tn = tiling or _tiles("gmm", m, k, n, num_groups, lhs.dtype)
-    s = _schedule(group_sizes, m, tm)  # P = ceil(M / tm) + G - 1 visits
+    s = reference.schedule(group_sizes, m, tm)  # P = ceil(M / tm) + G - 1 visits
     lo = s.starts[s.group]  # [P] first row of the visit's group
     hi = jnp.where(s.valid, s.ends[s.group], lo)  # [P] padding visits get no rows
     kernel = partial(
@@ -205,15 +205,13 @@ def tgmm(
 ) -> Array:
     """``reference.tgmm`` as a Triton kernel: lhs [M, K], dy [M, N] ->
     [G, K, N], out[g] = lhs_gᵀ @ dy_g (zero for empty groups)."""
-    if num_groups is not None and num_groups != group_sizes.shape[0]:
-        raise ValueError(f"num_groups={num_groups} but group_sizes has shape {group_sizes.shape}")
+    reference.check_num_groups(num_groups, group_sizes)
     m, k = lhs.shape
     n = dy.shape[1]
     num_groups = group_sizes.shape[0]
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     tm, tk, tn = tiling or _tiles("tgmm", m, k, n, num_groups, lhs.dtype)
-    ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)  # [G]
-    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), ends[:-1]])  # [G]
+    starts, ends = reference.group_bounds(group_sizes, m)  # [G] each
     kernel = partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn, k=k, n=n)
     return pl.pallas_call(
         kernel,

@@ -42,12 +42,23 @@ def _tile_rows(m: int, tile_m: int) -> int:
     return min(tile_m, -(-m // 8) * 8)
 
 
-def _schedule(group_sizes: Array, m: int, tm: int) -> _Schedule:
+def group_bounds(group_sizes: Array, m: int) -> tuple[Array, Array]:
+    """First row and one-past-last row of each group, [G] int32 each, clipped to M rows."""
+    ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)  # [G]
+    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), ends[:-1]])  # [G]
+    return starts, ends
+
+
+def check_num_groups(num_groups: int | None, group_sizes: Array) -> None:
+    """tgmm's static `num_groups`, when given, must agree with `group_sizes`."""
+    if num_groups is not None and num_groups != group_sizes.shape[0]:
+        raise ValueError(f"num_groups={num_groups} but group_sizes has shape {group_sizes.shape}")
+
+
+def schedule(group_sizes: Array, m: int, tm: int) -> _Schedule:
     num_groups = group_sizes.shape[0]
     num_tiles = -(-m // tm)
-    sizes = group_sizes.astype(jnp.int32)  # [G]
-    ends = jnp.minimum(jnp.cumsum(sizes), m)  # [G]
-    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), ends[:-1]])  # [G]
+    starts, ends = group_bounds(group_sizes, m)
     first_tile = starts // tm  # [G]
     counts = jnp.where(ends > starts, (ends - 1) // tm - first_tile + 1, 0)  # [G] tiles touched
     cum = jnp.cumsum(counts)  # [G]
@@ -94,7 +105,7 @@ def gmm(
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     tm = _tile_rows(m, tile_m)
-    s = _schedule(group_sizes, m, tm)
+    s = schedule(group_sizes, m, tm)
     lhs_p = _pad_rows(lhs, (-(-m // tm)) * tm)  # [Mp, K]
 
     def step(out: Array, visit: tuple[Array, Array, Array]) -> tuple[Array, None]:
@@ -134,14 +145,13 @@ def tgmm(
     group, so the carry restarts at a group's first visit and is rewritten
     into the output after every visit (the last write holds the full sum).
     """
-    if num_groups is not None and num_groups != group_sizes.shape[0]:
-        raise ValueError(f"num_groups={num_groups} but group_sizes has shape {group_sizes.shape}")
+    check_num_groups(num_groups, group_sizes)
     m, k = lhs.shape
     n = dy.shape[1]
     num_groups = group_sizes.shape[0]
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     tm = _tile_rows(m, tile_m)
-    s = _schedule(group_sizes, m, tm)
+    s = schedule(group_sizes, m, tm)
     rows_p = (-(-m // tm)) * tm
     lhs_p, dy_p = _pad_rows(lhs, rows_p), _pad_rows(dy, rows_p)  # [Mp, K], [Mp, N]
 

@@ -29,6 +29,8 @@ from jax.experimental.pallas.ops.tpu.megablox.gmm import gmm as _mb_gmm
 from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as _mb_tgmm
 from jax.typing import DTypeLike
 
+from kernels.gmm import reference
+
 Array = jax.Array
 
 # Largest (tm, tk, tn) tiles. 512 keeps the f32 accumulator (tk x tn in tgmm)
@@ -117,8 +119,7 @@ def tgmm(
 ) -> Array:
     """``reference.tgmm`` on the megablox kernel: lhs [M, K], dy [M, N] ->
     [G, K, N], out[g] = lhs_gᵀ @ dy_g (zero for empty groups)."""
-    if num_groups is not None and num_groups != group_sizes.shape[0]:
-        raise ValueError(f"num_groups={num_groups} but group_sizes has shape {group_sizes.shape}")
+    reference.check_num_groups(num_groups, group_sizes)
     m, k = lhs.shape
     n = dy.shape[1]
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
