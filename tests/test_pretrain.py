@@ -3,7 +3,6 @@ written, a stopped run resumes bit-exactly, and a kill -9 mid-save leaves a rest
 checkpoint."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
