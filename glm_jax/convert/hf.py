@@ -250,12 +250,12 @@ def save_hf(model: GlmMoeModel, path: str | os.PathLike, *,
             entries.append((name, shape, np.dtype(value.dtype)))
             source[name] = (value, index, plan.transpose)
     if config.n_shared_experts == 0:  # transformers still declares zero-size shared experts
-        entries += _empty_shared_experts(config, np.dtype(config.param_dtype))
+        for name, shape, dtype in _empty_shared_experts(config, np.dtype(config.param_dtype)):
+            entries.append((name, shape, dtype))
+            source[name] = (np.zeros(shape, dtype), (), False)
     entries.sort(key=lambda e: _natural(e[0]))
 
     def produce(name):
-        if name not in source:
-            return np.zeros(next(e[1] for e in entries if e[0] == name), np.dtype(config.param_dtype))
         value, index, transpose = source[name]
         array = np.asarray(value[index] if index else value)
         return array.T if transpose else array
