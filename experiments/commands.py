@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
 from glm_jax import load_hf
 
 
@@ -22,29 +18,12 @@ def demo(flags) -> None:
         print(f"trained steps {logged[0]['step']}-{logged[-1]['step']}: loss "
               f"{logged[0]['loss']:.3f} -> {logged[-1]['loss']:.3f}")
     model, tokenizer = load_trained(config)
-    prompt = flags.prompt
-    ids = jnp.asarray([tokenizer.encode(prompt).ids], jnp.int32)
-    tokens = sample(model, ids, flags.steps, temperature=flags.temperature, seed=flags.seed)
-    print(f"prompt: {prompt!r}\nsample (temperature {flags.temperature}):\n"
-          f"{prompt + tokenizer.decode(tokens)}")
+    from glm_jax.infer import generate as run_generation
 
-
-def sample(model, ids, steps: int, *, temperature: float, seed: int) -> list[int]:
-    """Continuation by re-running the causal forward on a fixed-size buffer (one compilation;
-    the KV-cache engine is glm_jax.infer's job). temperature 0 is greedy."""
-    start = ids.shape[1]
-    buffer = jnp.pad(ids, ((0, 0), (0, steps)))
-
-    @nnx.jit
-    def step(model, buffer, t, key):  # tokens after t do not influence logits at t (causal)
-        logits = model(buffer)[:, t - 1].astype(jnp.float32)
-        token = (jnp.argmax(logits, axis=-1) if temperature == 0 else
-                 jax.random.categorical(key, logits / temperature, axis=-1))
-        return buffer.at[:, t].set(token)
-
-    for t, key in zip(range(start, start + steps), jax.random.split(jax.random.key(seed), steps)):
-        buffer = step(model, buffer, t, key)
-    return buffer[0, start:].tolist()
+    out = run_generation(model, [tokenizer.encode(flags.prompt).ids], max_new_tokens=flags.steps,
+                         sampling=_sampling(flags), seeds=[flags.seed])
+    print(f"prompt: {flags.prompt!r}\nsample (temperature {flags.temperature}):\n"
+          f"{flags.prompt + tokenizer.decode(out.tokens[0, :out.lengths[0]].tolist())}")
 
 
 def convert(flags) -> None:
