@@ -11,11 +11,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from glm_jax.errors import ConfigError
+
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-
-
-class ConfigError(ValueError):
-    """A ModelConfig field holds an invalid value."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -5,11 +5,12 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from glm_jax import GlmMoeModel, ModelConfig, load_hf, save_hf
+from glm_jax import GlmMoeModel, ModelConfig, load_hf, save_hf, sharding
 from tests import numpy_reference
 
 FIXTURES = sorted(p.parent for p in (Path(__file__).parent / "fixtures").glob("*/golden.npz"))
@@ -18,17 +19,29 @@ EXTRA = [Path(p) for p in os.environ.get("GLM_JAX_EXTRA_FIXTURES", "").split(":"
 TOLERANCE = 1e-4
 
 
-def test_fixtures_present():
-    assert len(FIXTURES) >= 9
-
-
 @nnx.jit
 def _run(model, ids):
     out = model.forward(ids)
     return out.logits, out.hidden, model.mtp_logits(out.hidden[:, :-1], ids[:, 1:])
 
 
-@pytest.mark.parametrize("fixture", FIXTURES + EXTRA, ids=lambda p: p.name)
+# Checkpoints exactly as transformers' save_pretrained writes them: no MTP layer, although
+# config.json still says num_nextn_predict_layers = 1.
+HF_SAVED = [p for p in FIXTURES if p.name.startswith("hf_saved")]
+WITH_MTP = [p for p in FIXTURES if p not in HF_SAVED]
+MESHES = [None, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}]
+# bfloat16 weights computed in bfloat16 (8-bit mantissa) over 3 layers, against transformers'
+# float32 forward on the same (bf16-valued) weights: measured max 0.04, mean 0.008.
+BF16_MAX, BF16_MEAN = 0.1, 0.02
+
+
+def test_fixtures_present():
+    assert len(WITH_MTP) >= 9
+    assert {p.name for p in HF_SAVED} == {"hf_saved_f32", "hf_saved_f32_sharded", "hf_saved_bf16",
+                                          "hf_saved_bf16_sharded"}
+
+
+@pytest.mark.parametrize("fixture", WITH_MTP + EXTRA, ids=lambda p: p.name)
 def test_logits_match_transformers(fixture):
     golden = np.load(fixture / "golden.npz")
     model = load_hf(fixture)
@@ -36,6 +49,43 @@ def test_logits_match_transformers(fixture):
     assert np.abs(np.asarray(logits) - golden["logits"]).max() <= TOLERANCE
     assert np.abs(np.asarray(hidden) - golden["main_hidden_normed"]).max() <= TOLERANCE
     assert np.abs(np.asarray(mtp) - golden["mtp_logits"]).max() <= TOLERANCE
+
+
+def _load_without_mtp(fixture, **kwargs):
+    with pytest.warns(UserWarning, match=f"{fixture}: no MTP layer tensors"):
+        model = load_hf(fixture, **kwargs)
+    assert model.config.num_nextn_predict_layers == 0 and model.mtp is None
+    return model
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "one-device" if m is None else
+                         ",".join(f"{k}={v}" for k, v in m.items()))
+@pytest.mark.parametrize("fixture", HF_SAVED, ids=lambda p: p.name)
+def test_transformers_saved_checkpoint_loads_without_mtp(fixture, mesh):
+    golden = np.load(fixture / "golden.npz")
+    mesh = None if mesh is None else sharding.make_mesh(mesh)
+    model = _load_without_mtp(fixture, mesh=mesh)
+    ids, expected = golden["input_ids"].astype(np.int32), golden["logits"]
+    if mesh is None:
+        logits = nnx.jit(lambda m, i: m(i))(model, ids)
+    else:  # 8 rows (the golden's 2, four times), one per device
+        ids, expected = np.tile(ids, (4, 1)), np.tile(expected, (4, 1, 1))
+        with sharding.use_mesh(mesh):
+            logits = nnx.jit(lambda m, i: m(i))(model, jax.device_put(ids, sharding.batch_sharding(mesh)))
+        experts = model.moe_layers.mlp.experts.gate_proj[...]  # [L, E, H, F], E split over expert
+        assert experts.sharding.shard_shape(experts.shape)[1] == (
+            experts.shape[1] // mesh.shape["expert"])
+    assert np.abs(np.asarray(logits) - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("fixture", [p for p in HF_SAVED if "bf16" in p.name], ids=lambda p: p.name)
+def test_bfloat16_checkpoint_in_bfloat16(fixture):
+    golden = np.load(fixture / "golden.npz")
+    model = _load_without_mtp(fixture, dtype=jnp.bfloat16)
+    assert model.lm_head.kernel[...].dtype == jnp.bfloat16
+    logits = nnx.jit(lambda m, i: m(i))(model, golden["input_ids"].astype(np.int32))
+    diff = np.abs(np.asarray(logits.astype(jnp.float32)) - golden["logits"])
+    assert diff.max() <= BF16_MAX and diff.mean() <= BF16_MEAN
 
 
 @pytest.mark.parametrize("name", ["glm45_like", "glm46_style_mtp", "grouped_topk"])

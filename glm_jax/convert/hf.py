@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -26,16 +27,16 @@ from flax import nnx
 from glm_jax import sharding as sharding_lib
 from glm_jax.config import ModelConfig
 from glm_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
+from glm_jax.errors import CheckpointError, ConfigError
 from glm_jax.model import GlmMoeModel
 
 INDEX_FILE = "model.safetensors.index.json"
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
                "e_score_correction_bias": "e_score_correction_bias"}
 _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model its config.json describes."""
+# Parameters load from float tensors only: an integer or FP8 tensor read as a float one would
+# give wrong numbers silently (FP8 checkpoints: load the bf16 one, then infer.quantize_model).
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +50,6 @@ class _Tensor:
     def keys(self):
         for index in np.ndindex(*self.lead):
             yield self.key(index)
-
-
-def _plan(config: ModelConfig, flat_state) -> list[tuple[_Tensor, jax.ShapeDtypeStruct]]:
-    plans = []
-    for path, variable in flat_state:
-        path = tuple(str(p) for p in path)
-        plans.append((_tensor_plan(config, path), variable))
-    return plans
 
 
 def _tensor_plan(config: ModelConfig, path: tuple[str, ...]) -> _Tensor:
@@ -108,13 +101,36 @@ def _resolve(plan: _Tensor, shape) -> tuple[_Tensor, tuple[int, ...]]:
 
 # ---- reading ---------------------------------------------------------------------------------
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def _shard_names(path: Path) -> list[str]:
+    """The safetensors files of a checkpoint: those its index names (each a plain file name
+    inside `path`), else every *.safetensors in it."""
+    index_path = path / INDEX_FILE
+    if not index_path.exists():
+        return sorted(p.name for p in path.glob("*.safetensors"))
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path}: needs a 'weight_map' object of tensor name -> file")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{index_path}: shard {name!r} is not a file name inside the "
+                                  "checkpoint directory")
+        if not (path / name).is_file():
+            raise CheckpointError(f"{index_path}: shard {name!r} does not exist")
+    return names
+
+
 def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
-    index = path / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    else:
-        names = sorted(p.name for p in path.glob("*.safetensors"))
+    names = _shard_names(path)
     if not names:
         raise CheckpointError(f"{path}: no *.safetensors files found")
     tensors: dict[str, SafetensorsFile] = {}
@@ -125,6 +141,11 @@ def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
                 raise CheckpointError(f"{path}: tensor {key} is in both {tensors[key].path.name} "
                                       f"and {name}")
             tensors[key] = file
+    if (path / INDEX_FILE).exists():
+        for key, name in _read_json(path / INDEX_FILE)["weight_map"].items():
+            if tensors.get(key) is None or tensors[key].path.name != name:
+                raise CheckpointError(f"{path / INDEX_FILE}: lists {key} in {name}, which does "
+                                      "not hold it")
     return tensors
 
 
@@ -151,6 +172,18 @@ def _mtp_fallbacks(plans, tensors, config: ModelConfig):
     return out
 
 
+def _without_absent_mtp(config: ModelConfig, tensors, path: Path) -> ModelConfig:
+    """transformers ignores the MTP layer on load, so checkpoints it saves have none although
+    config.json still counts it: with every MTP tensor absent, load the model without it."""
+    mtp_prefix = f"model.layers.{config.num_hidden_layers}."
+    if not config.num_nextn_predict_layers or any(k.startswith(mtp_prefix) for k in tensors):
+        return config
+    warnings.warn(f"{path}: no MTP layer tensors ({mtp_prefix}*) although config.json has "
+                  f"num_nextn_predict_layers={config.num_nextn_predict_layers} (as transformers' "
+                  "save_pretrained writes it); loading without the MTP layer", stacklevel=3)
+    return config.replace(num_nextn_predict_layers=0)
+
+
 def _check(plans, tensors: dict[str, SafetensorsFile], config: ModelConfig, path: Path):
     expected: dict[str, tuple[int, ...]] = {}
     for plan, shape in plans:
@@ -160,11 +193,15 @@ def _check(plans, tensors: dict[str, SafetensorsFile], config: ModelConfig, path
     misshaped = [f"{k}: checkpoint {tensors[k].shape(k)}, model expects {expected[k]}"
                  for k in expected if k in tensors and tensors[k].shape(k) != expected[k]]
     unexpected = [k for k in tensors if k not in expected and not _ignorable(k, tensors[k], config)]
-    if missing or misshaped or unexpected:
+    wrong_dtype = [f"{k} in {tensors[k].path.name}: {tensors[k].dtype_name(k)}, expected one of "
+                   f"{'/'.join(_FLOAT_DTYPES)}" for k in expected
+                   if k in tensors and tensors[k].dtype_name(k) not in _FLOAT_DTYPES]
+    if missing or misshaped or unexpected or wrong_dtype:
         lines = [f"{path}: checkpoint does not match its config.json"]
         lines += [f"  missing: {k}" for k in sorted(missing, key=_natural)]
         lines += [f"  unexpected: {k}" for k in sorted(unexpected, key=_natural)]
         lines += [f"  mis-shaped: {m}" for m in sorted(misshaped, key=_natural)]
+        lines += [f"  wrong dtype: {m}" for m in sorted(wrong_dtype, key=_natural)]
         raise CheckpointError("\n".join(lines))
 
 
@@ -201,11 +238,19 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Me
     """
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.exists():
+    if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json")
     name = jnp.dtype(dtype).name
-    config = ModelConfig.from_hf(json.loads(config_file.read_text()), param_dtype=name, dtype=name)
+    hf_config = _read_json(config_file)
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
+    try:
+        config = ModelConfig.from_hf(hf_config, param_dtype=name, dtype=name)
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{config_file}: {e if isinstance(e, ConfigError) else repr(e)}"
+                              ) from e
     tensors = _open_checkpoint(path)
+    config = _without_absent_mtp(config, tensors, path)
     graphdef, abstract_state = nnx.split(
         nnx.eval_shape(lambda: GlmMoeModel(config, rngs=nnx.Rngs(0))))
     flat = nnx.to_flat_state(abstract_state)
@@ -263,6 +308,9 @@ def save_hf(model: GlmMoeModel, path: str | os.PathLike, *,
     shards = _split_shards(entries, max_shard_bytes)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the checkpoint gets normal permissions
     try:
         weight_map = {}
         for i, shard in enumerate(shards):

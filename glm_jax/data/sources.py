@@ -24,12 +24,13 @@ from typing import Any
 from absl import logging
 
 from glm_jax.data.tokenizer import FILE_SEP
+from glm_jax.errors import InputError
 
 _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
             ".array_record": "array_record", ".arecord": "array_record"}
 
 
-class BadRecordError(ValueError):
+class BadRecordError(InputError):
     """A record or file that cannot become a document; the message names its place."""
 
 
