@@ -16,6 +16,7 @@ def get_config():
     config.micro_batches = 4
     config.log_every = 10
     config.checkpoint_every = 500
-    config.tokenizer_vocab_size = 32_768
+    config.tokenizer_path = ""  # GLM-4.5's tokenizer.json, or --config.train_tokenizer=True
+    config.tokenizer_vocab_size = 32_768  # what train_tokenizer=True would train
     config.peak_flops_per_device = 989e12  # H100 SXM dense bf16
     return config

@@ -17,6 +17,7 @@ def get_config():
     config.batch_size = 8
     config.log_every = 1
     config.checkpoint_every = 20
+    config.train_tokenizer = True  # a 512-token BPE on the stdlib corpus, trained once
     config.tokenizer_vocab_size = 512
     config.step.bias_rate = 1e-2  # a short run: let the balance biases move visibly
     return config

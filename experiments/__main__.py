@@ -1,16 +1,12 @@
-"""python -m experiments <command> [flags]
-
-Commands:
-  pretrain  --config=configs/pretrain_tiny.py [--config.steps=... --config.workdir=...]
-  demo      pre-train the tiny model on the local Python stdlib (CPU, minutes), then sample
-  generate  --checkpoint=DIR --prompt="...": stream a continuation (HF dir or pretrain workdir)
-  chat      --checkpoint=DIR [--nothinking] [--tools=tools.json]: chat on stdin, GLM-4.5 format
-  bench     --what=decode [--preset=glm45_mini] | --what=kernels: JSON lines, peers in the same run
-  plan      --config=... --devices=N --mesh='{"fsdp": 16, "expert": 8}': per-device memory
-  convert   --checkpoint=DIR: load a Hugging Face GLM-4.5 checkpoint, print its config and size
+"""python -m experiments <command> [flags]; `python -m experiments` lists the commands and
+`python -m experiments <command> --help` shows one command's flags and its config's fields.
 
 Several processes (multi-host): pass --coordinator_address/--num_processes/--process_id, or set
 JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID; TPU pods and SLURM are detected.
+
+A mistake in what the user gave (an unknown command or flag, a config field that does not exist
+or holds a bad value, a checkpoint or data file that does not parse) prints one line naming it
+and exits with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,13 +18,14 @@ from ml_collections import config_flags
 
 from experiments import commands
 from glm_jax import distributed
+from glm_jax.errors import InputError
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)")
 flags.DEFINE_string("coordinator_address", None, "multi-process runs: host:port of process 0")
 flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
 flags.DEFINE_string("checkpoint", None,
-                    "Hugging Face directory, or a pre-training workdir (generate, chat, convert)")
+                    "Hugging Face directory, or a training workdir (generate, chat, convert, eval)")
 flags.DEFINE_integer("steps", 64, "tokens to sample (demo, generate, chat)")
 flags.DEFINE_string("prompt", "def ", "text to continue (demo, generate)")
 flags.DEFINE_string("workdir", None, "workdir of the demo run (default: the config's)")
@@ -44,16 +41,66 @@ flags.DEFINE_bool("thinking", True, "chat: hybrid thinking on (off appends /noth
 flags.DEFINE_string("tools", None, "chat: JSON file with a list of tool definitions")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 
+EXIT_USAGE = 2
 
-def main(argv):
-    if not flags.FLAGS["verbosity"].present:  # library INFO chatter off unless asked for
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) != 2 or argv[1] not in commands.COMMANDS:
-        raise app.UsageError(__doc__)
-    distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                           flags.FLAGS.process_id)
-    commands.COMMANDS[argv[1]](flags.FLAGS)
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _parse(argv: list[str]) -> list[str]:
+    """absl + ml_collections parsing with every user mistake as one line."""
+    try:
+        rest = flags.FLAGS(argv)
+        if flags.FLAGS.config is not None:  # a config file loads lazily: fail here, not mid-run
+            flags.FLAGS.config.keys()
+    except flags.Error as e:
+        _fail(str(e))
+    except AttributeError as e:  # ml_collections: an override naming no config field
+        field = str(e).strip("\"' ")
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        name = next((g for g in given if field in g.split(".")), f"--config...{field}")
+        _fail(f"flag {name}: the config has no field {field!r}")
+    except Exception as e:  # the config file is missing or raises while loading
+        _fail(f"--config: {_last_line(e)}")
+    return rest
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("--help", "-h", "--helpfull"):
+        print(commands.usage())
+        return
+    name = argv[1]
+    if name not in commands.COMMANDS:
+        _fail(f"unknown command {name!r} (the command comes first); the commands are: "
+              f"{', '.join(commands.COMMANDS)}")
+    if any(a in ("--help", "-h") for a in argv[2:]):
+        _parse([argv[0]] + [a for a in argv[2:] if a not in ("--help", "-h")])
+        print(commands.command_help(name, flags.FLAGS))
+        return
+    rest = _parse([argv[0]] + argv[2:])
+    if len(rest) > 1:
+        _fail(f"{name}: unexpected arguments {rest[1:]} (flags are --name=value)")
+
+    def run(_):
+        if not flags.FLAGS["verbosity"].present:  # library INFO chatter off unless asked for
+            logging.set_verbosity(logging.WARNING)
+        try:
+            distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                                   flags.FLAGS.process_id)
+            commands.COMMANDS[name].run(flags.FLAGS)
+        except (InputError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+            _fail(str(e).splitlines()[0] if isinstance(e, OSError) else str(e))
+
+    app.run(run, argv=[argv[0]], flags_parser=lambda _: [argv[0]])
 
 
 if __name__ == "__main__":
-    app.run(main, argv=sys.argv)
+    main()

@@ -1,47 +1,72 @@
-"""The launcher's commands; each takes the parsed absl flags."""
+"""The launcher's commands; each takes the parsed absl flags. Every command checks what it was
+given before doing anything expensive."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
 from glm_jax import load_hf
+from glm_jax.errors import InputError
+
+
+class Command(NamedTuple):
+    run: Callable
+    flags: tuple[str, ...]  # the flags it reads, for `CMD --help`
+    default_config: Callable | None = None  # its config when --config is not given
+
+    @property
+    def summary(self) -> str:
+        return (self.run.__doc__ or "").strip().splitlines()[0]
+
+
+def _demo_config():
+    from configs import demo_tiny
+
+    return demo_tiny.get_config()
+
+
+def _tiny_config():
+    from configs import pretrain_tiny
+
+    return pretrain_tiny.get_config()
 
 
 def demo(flags) -> None:
-    """The main job on its embedded default: pre-train the `tiny` model on the local Python
-    standard library (configs/pretrain_tiny.py; resumes if already run), then sample from it."""
-    from configs import demo_tiny
+    """Pre-train the tiny model on the local Python stdlib (CPU, minutes; resumes), then sample."""
+    from glm_jax.infer import generate as run_generation
     from glm_jax.train.loop import load_trained, pretrain
 
-    config = flags.config or demo_tiny.get_config()
+    config = flags.config or _demo_config()
     config.workdir = flags.workdir or config.workdir
+    sampling = _sampling(flags)
     logged = pretrain(config)
     if logged:
         print(f"trained steps {logged[0]['step']}-{logged[-1]['step']}: loss "
               f"{logged[0]['loss']:.3f} -> {logged[-1]['loss']:.3f}")
     model, tokenizer = load_trained(config)
-    from glm_jax.infer import generate as run_generation
-
     out = run_generation(model, [tokenizer.encode(flags.prompt).ids], max_new_tokens=flags.steps,
-                         sampling=_sampling(flags), seeds=[flags.seed])
+                         sampling=sampling, seeds=[flags.seed])
     print(f"prompt: {flags.prompt!r}\nsample (temperature {flags.temperature}):\n"
           f"{flags.prompt + tokenizer.decode(out.tokens[0, :out.lengths[0]].tolist())}")
 
 
 def convert(flags) -> None:
-    """Loads a Hugging Face checkpoint (a strict check of every tensor) and summarises it."""
-    if not flags.checkpoint:
-        raise ValueError("convert needs --checkpoint=DIR")
-    model = load_hf(flags.checkpoint)
+    """Load a Hugging Face checkpoint (a strict check of every tensor) and summarise it."""
+    model = load_hf(_checkpoint_dir(flags))
     counts = model.config.param_counts()
     print(model.config)
     print(f"loaded {counts['total']:,} parameters ({counts['active']:,} active per token)")
 
 
 def pretrain(flags) -> None:
-    """Pre-trains per --config; resumes from the workdir's latest checkpoint."""
+    """Pre-train per --config (configs/pretrain_*.py); resumes from the workdir's checkpoint."""
     from glm_jax.train.loop import pretrain as run
 
     if flags.config is None:
-        raise ValueError("pretrain needs --config=configs/<name>.py")
+        raise InputError("pretrain needs --config=configs/<name>.py")
     logged = run(flags.config)
     if logged:
         first, last = logged[0], logged[-1]
@@ -49,24 +74,39 @@ def pretrain(flags) -> None:
               f"max_vio {first.get('max_vio', float('nan')):.3f} -> {last.get('max_vio', float('nan')):.3f}")
 
 
+def _checkpoint_dir(flags) -> Path:
+    if not flags.checkpoint:
+        raise InputError("needs --checkpoint=DIR (a Hugging Face directory or a training workdir)")
+    path = Path(flags.checkpoint)
+    if not path.is_dir():
+        raise InputError(f"--checkpoint {path}: no such directory")
+    return path
+
+
 def load_for_inference(flags):
     """-> (model, tokenizer) from --checkpoint: a Hugging Face directory (config.json,
-    safetensors, tokenizer.json) or a pre-training workdir (its latest Orbax checkpoint and
-    tokenizer; the run's --config, default configs/pretrain_tiny.py)."""
-    from pathlib import Path
-
-    from configs import pretrain_tiny
+    safetensors, tokenizer.json) or a training workdir (its newest checkpoint and tokenizer;
+    the run's --config, default configs/pretrain_tiny.py). Nothing is created or trained."""
     from glm_jax.data import load_tokenizer
     from glm_jax.train.loop import load_trained
 
-    if not flags.checkpoint:
-        raise ValueError("needs --checkpoint=DIR (a Hugging Face directory or a workdir)")
-    path = Path(flags.checkpoint)
+    path = _checkpoint_dir(flags)
     if (path / "config.json").exists():
-        return load_hf(path), load_tokenizer(path / "tokenizer.json")
-    config = flags.config or pretrain_tiny.get_config()
-    config.workdir = str(path)
-    return load_trained(config)
+        if not (path / "tokenizer.json").is_file():
+            raise InputError(f"--checkpoint {path}: no tokenizer.json beside config.json")
+        tokenizer = load_tokenizer(path / "tokenizer.json")
+        model = load_hf(path)
+    elif (path / "checkpoints").is_dir():
+        config = flags.config or _tiny_config()
+        config.workdir = str(path)
+        model, tokenizer = load_trained(config)
+    else:
+        raise InputError(f"--checkpoint {path}: neither a Hugging Face checkpoint (config.json) "
+                         "nor a training workdir (checkpoints/)")
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise InputError(f"--checkpoint {path}: the tokenizer has {tokenizer.get_vocab_size()} "
+                         f"tokens, more than the model's vocab_size {model.config.vocab_size}")
+    return model, tokenizer
 
 
 def _sampling(flags):
@@ -83,40 +123,40 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 def generate(flags) -> None:
-    """Streams a continuation of --prompt."""
+    """Stream a continuation of --prompt from --checkpoint (Hugging Face dir or workdir)."""
+    from tokenizers.decoders import DecodeStream
+
     from glm_jax.infer import stream
 
+    sampling = _sampling(flags)
     model, tokenizer = load_for_inference(flags)
-    ids, text = tokenizer.encode(flags.prompt).ids, ""
+    tokens = stream(model, tokenizer.encode(flags.prompt).ids, max_new_tokens=flags.steps,
+                    sampling=sampling, stop_tokens=_stop_ids(tokenizer), seed=flags.seed)
+    decoder = DecodeStream(skip_special_tokens=False)  # multi-byte characters arrive whole
     print(flags.prompt, end="", flush=True)
-    tokens = []
-    for token in stream(model, ids, max_new_tokens=flags.steps, sampling=_sampling(flags),
-                        stop_tokens=_stop_ids(tokenizer), seed=flags.seed):
-        tokens.append(token)
-        full = tokenizer.decode(tokens)
-        print(full[len(text):], end="", flush=True)  # print only what the new token added
-        text = full
+    for token in tokens:
+        piece = decoder.step(tokenizer, token)
+        if piece is not None:
+            print(piece, end="", flush=True)
     print()
 
 
 def chat(flags) -> None:
-    """Interactive chat in GLM-4.5's format: one user message per line, EOF to quit."""
-    import json
-    import sys
-
+    """Chat on stdin (one user message per line, EOF quits) in GLM-4.5's format."""
     from glm_jax import parse_output, render_chat
-    from glm_jax.infer import stream
+    from glm_jax.infer import ChatSession
 
+    sampling = _sampling(flags)
+    tools = _read_tools(flags.tools) if flags.tools else None
     model, tokenizer = load_for_inference(flags)
-    tools = json.loads(open(flags.tools).read()) if flags.tools else None
+    session = ChatSession(model, sampling=sampling, stop_tokens=_stop_ids(tokenizer),
+                          seed=flags.seed)
     messages = []
     for line in sys.stdin:
         messages.append({"role": "user", "content": line.rstrip("\n")})
         prompt = render_chat(messages, tools=tools, add_generation_prompt=True,
                              enable_thinking=flags.thinking)
-        tokens = list(stream(model, tokenizer.encode(prompt).ids, max_new_tokens=flags.steps,
-                             sampling=_sampling(flags), stop_tokens=_stop_ids(tokenizer),
-                             seed=flags.seed))
+        tokens = session.reply(tokenizer.encode(prompt).ids, max_new_tokens=flags.steps)
         reply = parse_output(tokenizer.decode(tokens, skip_special_tokens=False))
         if reply["reasoning"]:
             print(f"[thinking] {reply['reasoning']}")
@@ -130,10 +170,18 @@ def chat(flags) -> None:
                          "tool_calls": [{"function": c} for c in reply["tool_calls"]]})
 
 
+def _read_tools(path: str) -> list:
+    try:
+        tools = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"--tools {path}: {e}") from e
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise InputError(f"--tools {path}: must hold a JSON list of tool definitions (objects)")
+    return tools
+
+
 def plan(flags) -> None:
-    """Per-device memory of --config's training on a virtual mesh of --devices CPU devices with
-    --mesh axis sizes (JSON), e.g. --devices=128 --mesh='{"fsdp": 16, "expert": 8}'."""
-    import json
+    """Per-device memory of --config's training on --devices virtual CPUs with --mesh sizes."""
     import os
 
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -142,20 +190,65 @@ def plan(flags) -> None:
     from experiments.plan import memory_plan
     from glm_jax import ModelConfig, sharding
 
+    if flags.config is None:
+        raise InputError("plan needs --config=configs/<name>.py")
+    try:
+        mesh_shape = json.loads(flags.mesh)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--mesh {flags.mesh!r}: not JSON ({e})") from e
     config = flags.config
     model_cfg = ModelConfig.preset(config.model.preset, **dict(config.model.overrides))
-    mesh = sharding.make_mesh(json.loads(flags.mesh))
+    mesh = sharding.make_mesh(mesh_shape)
     print(json.dumps(memory_plan(config, model_cfg, mesh, rows_per_device=flags.rows_per_device)))
 
 
 def bench(flags) -> None:
-    """JSON-line benchmarks: --what=decode [--preset=glm45_mini], --what=kernels."""
+    """JSON-line benchmarks against peers in the same run: --what=decode|kernels [--preset]."""
     from experiments import bench as benchmarks
 
     if flags.what not in benchmarks.BENCHMARKS:
-        raise ValueError(f"--what must be one of {sorted(benchmarks.BENCHMARKS)}")
+        raise InputError(f"--what must be one of {sorted(benchmarks.BENCHMARKS)}, got "
+                         f"{flags.what!r}")
     benchmarks.BENCHMARKS[flags.what](flags.preset)
 
 
-COMMANDS = {"pretrain": pretrain, "demo": demo, "generate": generate, "chat": chat,
-            "convert": convert, "plan": plan, "bench": bench}
+_SAMPLING = ("temperature", "top_k", "top_p", "seed")
+COMMANDS = {
+    "demo": Command(demo, ("config", "workdir", "prompt", "steps") + _SAMPLING, _demo_config),
+    "pretrain": Command(pretrain, ("config",)),
+    "generate": Command(generate, ("checkpoint", "config", "prompt", "steps") + _SAMPLING),
+    "chat": Command(chat, ("checkpoint", "config", "steps", "thinking", "tools") + _SAMPLING),
+    "convert": Command(convert, ("checkpoint",)),
+    "plan": Command(plan, ("config", "devices", "mesh", "rows_per_device")),
+    "bench": Command(bench, ("what", "preset")),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m experiments <command> [--flag=value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
+    lines += ["", "python -m experiments <command> --help: the command's flags and config fields"]
+    return "\n".join(lines)
+
+
+def command_help(name: str, flag_values) -> str:
+    command = COMMANDS[name]
+    lines = [f"python -m experiments {name}: {command.summary}", "", "flags:"]
+    for flag in command.flags:
+        entry = flag_values[flag]
+        default = "(a config file)" if flag == "config" else repr(entry.default)
+        lines.append(f"  --{flag}={default}  {entry.help}")
+    config = flag_values.config or (command.default_config() if command.default_config else None)
+    if config is not None:
+        lines += ["", "config fields (--config.NAME=VALUE):"]
+        lines += [f"  {key} = {value!r}" for key, value in _flatten(config.to_dict())]
+    return "\n".join(lines)
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

@@ -58,7 +58,7 @@ def _step_temp_bytes(config, model_cfg, mesh, rows_per_device: int) -> int:
                                      sharding=batch_sharding)
              for k in ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")}
     step = make_train_step(graphdef, optimizer, step_config(config), schedule)
-    with sharding.use_mesh(mesh):
+    with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -7,13 +7,12 @@ The mesh has four named axes, any of which may have size 1:
           more FSDP axis (non-expert weights shard `embed` over fsdp x expert)
   tensor  tensor parallelism: heads, MLP width, expert width and vocabulary split across it
 Every parameter carries `logical_axes` metadata (one name per axis, stacked layer axes excluded);
-`RULES` maps those names to mesh axes. A dimension that a mesh axis does not divide stays
-replicated rather than failing.
+`RULES` maps those names to mesh axes. A parameter dimension that its mesh axes do not divide
+is an error naming parameter, dimension and axes; an activation dimension stays replicated.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Iterable, Sequence
 
@@ -21,6 +20,9 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from glm_jax.errors import InputError
+from glm_jax.naming import path_names
 
 AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # the axes a batch is split over
@@ -62,21 +64,31 @@ def make_mesh(shape: dict[str, int] | None = None, *, devices: Sequence | None =
 
 
 def logical_spec(names: Iterable[str | None], shape: Sequence[int], mesh: Mesh,
-                 rules=RULES) -> P:
+                 rules=RULES, *, parameter: str | None = None) -> P:
     """PartitionSpec for an array of `shape` whose trailing axes carry logical `names`; leading
-    extra axes (stacked layers) stay unsharded. Each mesh axis is used at most once."""
+    extra axes (stacked layers) stay unsharded. Each mesh axis is used at most once.
+
+    An activation dimension that its mesh axes do not divide (a batch of one while decoding)
+    stays replicated; for a `parameter` (its name, for the message) that is a mesh that does not
+    fit the model, and raises."""
     names = tuple(names)
     lead = len(shape) - len(names)
     table = dict(rules)
     used: set[str] = set()
     spec: list = [None] * lead
-    for name, size in zip(names, shape[lead:]):
+    for dim, (name, size) in enumerate(zip(names, shape[lead:]), lead):
         axes = table.get(name)
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if axes and size % ways == 0:
             used.update(axes)
             spec.append(axes[0] if len(axes) == 1 else axes)
+        elif axes and parameter is not None:
+            raise InputError(
+                f"parameter {parameter}: dimension {dim} ({name}, size {size}) does not divide "
+                f"over mesh axes {' x '.join(f'{a}={mesh.shape[a]}' for a in axes)} ({ways} "
+                "ways): choose axis sizes that divide it")
         else:
             spec.append(None)
     return P(*spec)
@@ -84,11 +96,15 @@ def logical_spec(names: Iterable[str | None], shape: Sequence[int], mesh: Mesh,
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES):
     """NamedSharding for every Variable of an (abstract or concrete) nnx.State, from its
-    `logical_axes` metadata; variables without metadata are replicated."""
-    def sharding(variable):
+    `logical_axes` metadata; variables without metadata are replicated. A mesh axis that does
+    not divide the dimension it shards raises, naming parameter, dimension and axis."""
+    def sharding(path, variable):
         names = variable.get_metadata().get("logical_axes", ())
-        return NamedSharding(mesh, logical_spec(names, variable.shape, mesh, rules))
-    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        where = ".".join(path_names(path))
+        return NamedSharding(mesh, logical_spec(names, variable.shape, mesh, rules,
+                                                parameter=where))
+    return jax.tree_util.tree_map_with_path(sharding, state,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -103,14 +119,6 @@ def constrain(x, *names):
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh))
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh):
-    """Trace and run under `mesh`: activations get constrained and MoE layers switch to
-    expert parallelism when the mesh has an expert axis."""
-    with jax.set_mesh(mesh):
-        yield mesh
 
 
 def create_sharded(module_factory, mesh: Mesh, rules=RULES):

@@ -44,7 +44,7 @@ for step in range(3):
                  positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (global_rows, seq)),
                  loss_mask=np.ones((global_rows, seq), np.float32))
     local = {k: np.ascontiguousarray(v[rows]) for k, v in batch.items()}
-    with sharding.use_mesh(mesh):
+    with jax.set_mesh(mesh):
         state, metrics = train_step(state, global_batch(local, 1, mesh))
     losses.append(float(metrics["loss"]))
 print(json.dumps({"process": process_id, "devices": jax.device_count(), "losses": losses}))

@@ -1,4 +1,10 @@
-"""render_chat against GLM-4.5's official template (rendered by jinja2), and parse_output."""
+"""render_chat against GLM-4.5's official template, and parse_output.
+
+Every clone checks render_chat against golden renderings made from the official template
+(fixtures/chat_golden.json, by fixtures/make_chat_golden.py). Where the template file itself is
+present (the shared/ folder beside the repository), the hand cases and random conversations are
+also rendered live by jinja2 and the golden file is checked to be current; elsewhere those
+tests are skipped, saying why."""
 
 import functools
 import json
@@ -8,37 +14,31 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from glm_jax.infer import parse_output, render_chat, render_tool_calls
+from tests.chat_cases import CONVERSATIONS, FRAGMENTS, OPTIONS, SEARCH_TOOL
+from tests.fixtures import make_chat_golden
 
-TEMPLATE_PATH = Path(__file__).parents[2] / "shared" / "glm45_chat_template.jinja"
+TEMPLATE_PATH = make_chat_golden.DEFAULT_TEMPLATE
+GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "chat_golden.json").read_text())["cases"]
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])
+needs_template = pytest.mark.skipif(
+    not TEMPLATE_PATH.is_file(),
+    reason=f"the official chat template {TEMPLATE_PATH} is not beside this clone (it lives in "
+           "the project's shared/ folder); the golden renderings cover render_chat without it")
 
 
 @functools.cache
 def _official_template():
-    """The template in transformers' jinja environment (trim/lstrip blocks, its `tojson`)."""
-    if not TEMPLATE_PATH.is_file():
-        pytest.fail(f"official chat template not found at {TEMPLATE_PATH}: these tests need the "
-                    "shared/ folder (with glm45_chat_template.jinja) beside the repository clone")
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # transformers.utils.chat_template_utils: json.dumps with these defaults.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = tojson
-    return env.from_string(TEMPLATE_PATH.read_text())
+    return make_chat_golden.load_template(TEMPLATE_PATH)
 
 
 def reference(messages, *, tools=None, add_generation_prompt=False, enable_thinking=True):
-    return _official_template().render(messages=messages, tools=tools,
-                                       add_generation_prompt=add_generation_prompt,
-                                       enable_thinking=enable_thinking)
+    return make_chat_golden.render(_official_template(), dict(
+        messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+        enable_thinking=enable_thinking))
 
 
 def assert_matches_template(messages, **kwargs):
@@ -47,97 +47,34 @@ def assert_matches_template(messages, **kwargs):
     return expected
 
 
+def _render(case):
+    return render_chat(case["messages"], tools=case.get("tools"),
+                       add_generation_prompt=case.get("add_generation_prompt", False),
+                       enable_thinking=case.get("enable_thinking", True))
+
+
 # ----------------------------------------------------------------------------------------------
-# Hand-written conversations, byte for byte
+# Golden renderings (every clone) and the live template (where it is present), byte for byte
 # ----------------------------------------------------------------------------------------------
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Météo actuelle — 天气 ☀",
-    "parameters": {"type": "object",
-                   "properties": {"city": {"type": "string", "description": "Ville"}},
-                   "required": ["city"]}}}
-SEARCH_TOOL = {"name": "search", "description": "Web search", "parameters": {"type": "object"}}
-
-ALL_ARGUMENT_KINDS = {"city": "Paris", "days": 3, "ratio": 0.5,
-                      "filters": {"unit": "°C", "n": [1, 2]}, "tags": ["a", "ü"],
-                      "verbose": True, "strict": False, "cursor": None,
-                      "number_as_string": "123", "empty": "", "multiline": "line 1\n  line 2\n"}
-
-CONVERSATIONS = {
-    "system_user": [{"role": "system", "content": "You are helpful."},
-                    {"role": "user", "content": "Hi!"}],
-    "multi_turn_reasoning": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4", "reasoning_content": "  add them  "},
-        {"role": "user", "content": "and 3+3?"},
-        {"role": "assistant", "content": "  6\n", "reasoning_content": "\nadd again\n"},
-        {"role": "assistant", "content": "Anything else?", "reasoning_content": ""}],
-    "nothink_already_there": [{"role": "user", "content": "quick answer /nothink"},
-                              {"role": "assistant", "content": "ok"},
-                              {"role": "user", "content": "again/nothink"}],
-    "tool_round_trip": [
-        {"role": "user", "content": "Weather in Paris and Zürich?"},
-        {"role": "assistant", "content": "Let me check.", "reasoning_content": "Need the tool.",
-         "tool_calls": [{"type": "function", "id": "c1",
-                         "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
-                        {"name": "get_weather", "arguments": {"city": "Zürich"}}]},
-        {"role": "tool", "content": '{"temp": 21}'},
-        {"role": "tool", "content": '{"temp": 17}'},
-        {"role": "assistant", "content": "21 °C and 17 °C.", "reasoning_content": "Both in."}],
-    "all_argument_kinds": [
-        {"role": "user", "content": "go"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "f", "arguments": ALL_ARGUMENT_KINDS}},
-            {"name": "no_args", "arguments": {}}]}],
-    "tool_content_lists": [
-        {"role": "user", "content": "go"},
-        {"role": "assistant", "tool_calls": [{"name": "search", "arguments": {"q": "x"}}]},
-        {"role": "tool",
-         "content": [{"output": "first"}, "second", {"output": {"n": 1}}, {"id": 7}]},
-        {"role": "tool", "content": [{"output": "own observation again"}]},
-        {"role": "tool", "content": "string after a list joins it"},
-        {"role": "tool", "content": []}],
-    "content_parts": [
-        {"role": "system", "content": [{"type": "text", "text": "sys "}, "plain"]},
-        {"role": "user", "content": [{"type": "text", "text": "look: "},
-                                     {"type": "image", "url": "x"},
-                                     {"type": "text", "text": "this"}, {"type": "text"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A picture."}]}],
-    "empty_and_missing_content": [
-        {"role": "system", "content": ""}, {"role": "user", "content": ""},
-        {"role": "assistant", "content": ""}, {"role": "user"}, {"role": "assistant"}],
-    "none_content_renders_as_text": [
-        {"role": "user", "content": "call it"},
-        {"role": "assistant", "content": None,
-         "tool_calls": [{"name": "f", "arguments": {"a": 1}}]}],
-    "think_inside_content": [
-        {"role": "user", "content": "first"},
-        {"role": "assistant", "content": "<think>\nold thoughts\n</think>\n\nold answer"},
-        {"role": "user", "content": "second"},
-        {"role": "assistant", "content": "prefix <think>\n\nnew thoughts\n</think>\n\nnew answer"},
-        {"role": "assistant", "content": "no opening tag</think>after"},
-        {"role": "assistant", "content": "a</think>b</think>c"},
-        {"role": "assistant", "content": "<think>kept</think>as content", "reasoning_content": ""}],
-    "no_user_message": [{"role": "system", "content": "s"},
-                        {"role": "assistant", "content": "hi", "reasoning_content": "kept"}],
-    "unknown_role_dropped": [{"role": "developer", "content": "dropped"},
-                             {"role": "user", "content": "u"}, {"role": "tool", "content": "t"}],
-    "unicode": [{"role": "user", "content": "日本語 😀 \u00a0"},
-                {"role": "assistant", "content": "ответ", "reasoning_content": "思考",
-                 "tool_calls": [{"name": "翻訳",
-                                 "arguments": {"テキスト": "é", "n": ["ß", 1.5]}}]}],
-}
-
-OPTIONS = {
-    "default": {},
-    "generation_prompt": {"add_generation_prompt": True},
-    "nothink": {"enable_thinking": False},
-    "nothink_generation_prompt": {"enable_thinking": False, "add_generation_prompt": True},
-    "tools": {"tools": [WEATHER_TOOL, SEARCH_TOOL], "add_generation_prompt": True},
-}
+@pytest.mark.parametrize("case", GOLDEN, ids=[c["name"] for c in GOLDEN])
+def test_matches_golden_rendering(case):
+    assert _render(case) == case["text"]
 
 
+def test_golden_covers_every_case():
+    names = {c["name"] for c in GOLDEN}
+    assert {f"{c}/{o}" for c in CONVERSATIONS for o in OPTIONS} <= names
+    assert sum(n.startswith("random/") for n in names) >= 300
+
+
+@needs_template
+def test_golden_file_is_what_the_template_renders():
+    stale = [c["name"] for c in GOLDEN if make_chat_golden.render(_official_template(), c) != c["text"]]
+    assert not stale, f"rerun tests/fixtures/make_chat_golden.py: {stale[:5]}"
+
+
+@needs_template
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("messages", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
 def test_matches_official_template(messages, options):
@@ -151,10 +88,10 @@ def test_rules_spelled_out():
     assert render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                        enable_thinking=False) == (
         "[gMASK]<sop><|user|>\nhi/nothink<|assistant|>\n<think></think>")
-    assert assert_matches_template(CONVERSATIONS["none_content_renders_as_text"]).endswith(
+    assert render_chat(CONVERSATIONS["none_content_renders_as_text"]).endswith(
         "<|assistant|>\n<think></think>\nNone\n<tool_call>f\n<arg_key>a</arg_key>\n"
         "<arg_value>1</arg_value>\n</tool_call>")
-    tools_prompt = assert_matches_template([{"role": "user", "content": "x"}], tools=[SEARCH_TOOL])
+    tools_prompt = render_chat([{"role": "user", "content": "x"}], tools=[SEARCH_TOOL])
     assert '\n{"name": "search", "description": "Web search", "parameters": {"type": "object"}}\n' \
         in tools_prompt
     assert "</tool_call><|user|>" in tools_prompt
@@ -190,6 +127,10 @@ def test_bad_tool_calls_raise_clearly(call, message):
 def test_bad_messages_raise_clearly():
     with pytest.raises(TypeError, match=r"messages\[1\] must be a dict"):
         render_chat([{"role": "user", "content": "x"}, "hello"])
+    with pytest.raises(TypeError, match="tools must be a list of tool definitions"):
+        render_chat([{"role": "user", "content": "x"}], tools="not a list")
+    with pytest.raises(TypeError, match=r"tools\[1\] must be a dict"):
+        render_chat([{"role": "user", "content": "x"}], tools=[SEARCH_TOOL, "search"])
     with pytest.raises(TypeError, match=r"messages\[0\] \(tool\) content must be a string"):
         render_chat([{"role": "tool", "content": None}])
 
@@ -197,9 +138,6 @@ def test_bad_messages_raise_clearly():
 # ----------------------------------------------------------------------------------------------
 # Random conversations, byte for byte
 # ----------------------------------------------------------------------------------------------
-
-# Fragments that exercise the template's string rules when mixed into random text.
-FRAGMENTS = ["</think>", "<think>", "\n", " ", "/nothink", "<tool_call>", "<arg_value>", "</"]
 
 text = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(FRAGMENTS)), max_size=4).map("".join)
 json_values = st.recursive(
@@ -234,6 +172,7 @@ messages = st.lists(st.one_of(
 tools = st.one_of(st.none(), st.lists(st.dictionaries(text, json_values, max_size=3), max_size=2))
 
 
+@needs_template
 @PROPERTY_SETTINGS
 @given(messages=messages, tools=tools, add_generation_prompt=st.booleans(),
        enable_thinking=st.booleans())
@@ -417,3 +356,11 @@ def test_parse_never_raises_and_is_stable(reply):
     again = parse_output(_assistant_reply(result["reasoning"], result["content"],
                                           result["tool_calls"]))
     assert json.dumps(again) == json.dumps(result)  # json.dumps: NaN-safe and strict on 1 vs True
+
+
+def test_parse_is_linear_in_the_number_of_tool_calls():
+    """100,000 calls parse (each offset scan starts where the last ended, no copies of the rest
+    of the text; this took 21-73 s when it was quadratic)."""
+    calls = [{"name": f"f{i}", "arguments": {"a": i}} for i in range(100_000)]
+    result = parse_output("ok" + render_tool_calls(calls))
+    assert result["error"] is None and result["tool_calls"] == calls

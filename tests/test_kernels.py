@@ -1,5 +1,7 @@
 """Tests for kernels/: grouped matmul, routing and expert permutation (reference backends)."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -367,6 +369,9 @@ def test_unsort_inverts_sort_and_has_gather_gradient(rng):
     cot = _normal(rng, (9, 3, 5))
     (grad,) = jax.vjp(lambda v: kernels.unsort(v, s.order, 3), y_sorted)[1](cot)
     np.testing.assert_array_equal(grad, cot.reshape(27, 5)[s.order])
+    backward = jax.jit(lambda v, c: jax.vjp(lambda v: kernels.unsort(v, s.order, 3), v)[1](c))
+    hlo = backward.lower(y_sorted, cot).compile().as_text()
+    assert not re.search(r"f32\[[^\]]*\][^\n]*scatter\(", hlo)  # no float scatter-add
 
 
 def test_route_sort_gmm_unsort_equals_per_token_experts(rng):

@@ -70,7 +70,7 @@ def test_transformers_saved_checkpoint_loads_without_mtp(fixture, mesh):
         logits = nnx.jit(lambda m, i: m(i))(model, ids)
     else:  # 8 rows (the golden's 2, four times), one per device
         ids, expected = np.tile(ids, (4, 1)), np.tile(expected, (4, 1, 1))
-        with sharding.use_mesh(mesh):
+        with jax.set_mesh(mesh):
             logits = nnx.jit(lambda m, i: m(i))(model, jax.device_put(ids, sharding.batch_sharding(mesh)))
         experts = model.moe_layers.mlp.experts.gate_proj[...]  # [L, E, H, F], E split over expert
         assert experts.sharding.shard_shape(experts.shape)[1] == (

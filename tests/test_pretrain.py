@@ -3,6 +3,8 @@ written, a stopped run resumes bit-exactly, and a kill -9 mid-save leaves a rest
 checkpoint."""
 
 import json
+import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,8 +12,10 @@ import textwrap
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import pretrain_tiny
+from glm_jax.data import load_tokenizer
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.loop import load_trained, pretrain
 
@@ -65,16 +69,49 @@ def test_stopped_run_resumes_exactly(full_run, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # bit for bit on CPU
 
 
-def test_load_trained_model_matches_checkpoint(full_run):
-    model, tokenizer = load_trained(_config(full_run, 8))
+def test_load_trained_restores_the_checkpoint_weights_only(full_run, monkeypatch):
+    import glm_jax.train.loop as loop
+
+    config = _config(full_run, 8)
+    tokenizer = load_tokenizer(full_run / "tokenizer.json")
+    optimizer, _ = loop.build_optimizer(config)
+    model_cfg = loop.model_config(config, tokenizer.get_vocab_size())
+    graphdef, like = loop.init_state(config, model_cfg, optimizer, loop.training_mesh(config))
+    state, _ = Checkpointer(full_run / "checkpoints").restore(8, like, with_data=False)
+    expected = nnx.merge(graphdef, state.params, state.buffers)
+
+    monkeypatch.setattr(loop, "build_optimizer", lambda *a: pytest.fail("built an optimizer"))
+    model, _ = load_trained(config)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)),
+                                 nnx.to_flat_state(nnx.state(expected))):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
     ids = np.asarray([tokenizer.encode("def f(x):").ids], np.int32)
-    assert model(ids).shape == (1, ids.shape[1], tokenizer.get_vocab_size())
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(expected(ids)))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(full_run, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(full_run, workdir)
+    newest = workdir / "checkpoints" / "8"
+    victim = max((p for p in newest.rglob("*") if p.is_file() and "state" in p.parts),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])  # truncated
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 4.1')  # a kill mid-write
+    with caplog.at_level(logging.WARNING):
+        pretrain(_config(workdir, 8))  # resumes from step 4, trains 5-8 again
+    assert any("checkpoints/8 unreadable" in r.getMessage() for r in caplog.records)
+    assert any("dropping a partly written line" in r.getMessage() for r in caplog.records)
+    assert (workdir / "checkpoints" / "8.corrupt").is_dir()
+    assert Checkpointer(workdir / "checkpoints").latest_step() == 8
+    assert [r["loss"] for r in _losses(workdir)] == [r["loss"] for r in _losses(full_run)]
 
 
 def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, numpy as np, jax.numpy as jnp
-        from glm_jax.train.checkpoint import Checkpointer
+        from glm_jax.data import load_tokenizer
+from glm_jax.train.checkpoint import Checkpointer
         c = Checkpointer({str(tmp_path)!r})
         c.save(1, {{"w": jnp.ones((4,))}}, {{"pos": 1}})
         c.wait()

@@ -37,7 +37,7 @@ def _loss_fn(graphdef):
 def _sharded_run(graphdef, state, ids, mesh):
     state = jax.device_put(state, sharding.state_shardings(state, mesh))
     ids = jax.device_put(ids, sharding.batch_sharding(mesh))
-    with sharding.use_mesh(mesh):
+    with jax.set_mesh(mesh):
         step = jax.jit(jax.value_and_grad(_loss_fn(graphdef), has_aux=True))
         result = step(state, ids)
         hlo = step.lower(state, ids).compile().as_text()
@@ -101,7 +101,7 @@ def test_load_hf_streams_into_shardings(reference, tmp_path):
     gate = model.moe_layers.mlp.experts.gate_proj[...]
     assert tuple(gate.sharding.spec) == (None, "expert", None, None)
     assert gate.addressable_shards[0].data.shape[1] == CONFIG.n_routed_experts // 4
-    with sharding.use_mesh(mesh):
+    with jax.set_mesh(mesh):
         logits = nnx.jit(lambda m, i: m(i))(model, jax.device_put(ids, sharding.batch_sharding(mesh)))
     np.testing.assert_allclose(logits, ref_out.logits, atol=1e-4)
 

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 from absl import logging
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from glm_jax.errors import InputError
 
 EOT = "<|endoftext|>"
 CODE_PREFIX, CODE_MIDDLE, CODE_SUFFIX = "<|code_prefix|>", "<|code_middle|>", "<|code_suffix|>"
 FILE_SEP = "<|file_sep|>"
+MAX_PIECE_CHARS = 64
 
 GLM_SPECIAL_TOKENS = (
     EOT, "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
@@ -38,9 +41,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise ValueError(f"{path}: not a loadable tokenizer.json: {e}") from e
+        raise InputError(f"{path}: not a loadable tokenizer.json: {e}") from e
     if tokenizer.token_to_id(EOT) is None:
-        raise ValueError(f"{path}: tokenizer has no {EOT!r} token (needed to end documents)")
+        raise InputError(f"{path}: tokenizer has no {EOT!r} token (needed to end documents)")
     return tokenizer
 
 
@@ -55,9 +58,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, cache_path: str | os.PathLi
         return load_tokenizer(cache_path)
     special = list(GLM_SPECIAL_TOKENS) + [FILE_SEP]
     if vocab_size < 256 + len(special):
-        raise ValueError(f"vocab_size {vocab_size} < 256 bytes + {len(special)} special tokens")
+        raise InputError(f"vocab_size {vocab_size} < 256 bytes + {len(special)} special tokens")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # BPE training is quadratic in the length of a pre-tokenised piece: a long run with no
+    # break (minified code, base64, a 10 MB line) would take hours. Pieces are cut to
+    # MAX_PIECE_CHARS; real words and indentation runs are shorter.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        pre_tokenizers.Split(Regex(f".{{1,{MAX_PIECE_CHARS}}}"), behavior="isolated")])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

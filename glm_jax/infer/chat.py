@@ -74,13 +74,20 @@ def render_chat(
     `enable_thinking=False` asks for non-thinking mode: `/nothink` on every user message and an
     empty `<think></think>` closing the generation prompt.
 
-    Inputs the template cannot render either (a message or tool call that is not a dict, a
-    non-string function name, arguments that are not a dict, tool content that is not a string or
-    list) raise TypeError naming the culprit.
+    Inputs the template cannot render either (a message, tool or tool call that is not a dict,
+    `tools` that is not a list, a non-string function name, arguments that are not a dict, tool
+    content that is not a string or list) raise TypeError naming the culprit.
     """
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise TypeError(f"messages[{i}] must be a dict, got {type(message).__name__}")
+    if tools is not None:
+        if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+            raise TypeError(f"tools must be a list of tool definitions (dicts), got "
+                            f"{type(tools).__name__}")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, Mapping):
+                raise TypeError(f"tools[{i}] must be a dict, got {type(tool).__name__}")
     # Reasoning survives only in assistant turns after the last user message.
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
     parts = [_PREFIX]
@@ -410,11 +417,13 @@ def _decode_value(raw: str) -> Any:
     return raw if isinstance(value, str) else value
 
 
+_SPACE = re.compile(r"\s*")
+
+
 def _skip_space(text: str, pos: int, end: int | None = None) -> int:
-    """The offset of the first non-whitespace character in `text[pos:end]`, else `end`."""
-    end = len(text) if end is None else end
-    segment = text[pos:end]
-    return pos + len(segment) - len(segment.lstrip())
+    """The offset of the first non-whitespace character in `text[pos:end]`, else `end`. A
+    regex match from `pos`, never a copy of the rest of the text: parsing stays linear."""
+    return _SPACE.match(text, pos, len(text) if end is None else end).end()
 
 
 def _expect_space(reply: str, pos: int, end: int) -> None:

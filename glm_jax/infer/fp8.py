@@ -38,10 +38,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from glm_jax.naming import MATRIX_NAMES, path_names
+
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn; casts beyond ±464 give NaN, not saturation
 DEFAULT_BLOCK = (128, 128)
 
-_MATRIX_NAMES = ("kernel", "gate_proj", "up_proj", "down_proj")  # Linear kernels, stacked experts
 _FP8_BLOCKS = ("self_attn", "mlp")  # decoder-layer sub-blocks whose matrices run in FP8
 _ROUTER = "gate"  # MoE.gate is the Router (a shared expert's `gate_proj` is a different name)
 
@@ -89,7 +90,7 @@ def dequantize(t: Fp8Tensor, dtype=jnp.bfloat16) -> jax.Array:
 def is_fp8_weight(names: tuple[str, ...]) -> bool:
     """Whether the parameter at this state path (e.g. `("moe_layers", "mlp", "experts",
     "gate_proj")`) runs in FP8 during rollouts; see the module docstring for the rule."""
-    return (names[-1] in _MATRIX_NAMES
+    return (names[-1] in MATRIX_NAMES
             and any(n in _FP8_BLOCKS for n in names)
             and not (len(names) > 1 and names[-2] == _ROUTER))
 
@@ -100,7 +101,7 @@ def quantize_params(params, *, block: tuple[int, int] = DEFAULT_BLOCK):
     other leaf is returned as is."""
 
     def fake_quant(path, leaf):
-        if not is_fp8_weight(_names(path)):
+        if not is_fp8_weight(path_names(path)):
             return leaf
         if isinstance(leaf, nnx.Variable):
             w = leaf[...]
@@ -141,13 +142,9 @@ def fp8_weight_bytes(params, *, block: tuple[int, int] = DEFAULT_BLOCK) -> Weigh
             continue  # buffers (the router's balancing bias) are not weights
         size = math.prod(leaf.shape)
         bf16 += 2 * size
-        if is_fp8_weight(_names(path)):
+        if is_fp8_weight(path_names(path)):
             *lead, a, b = leaf.shape
             fp8 += size + 4 * math.prod(lead) * -(-a // block[0]) * -(-b // block[1])
         else:
             fp8 += 2 * size
     return WeightBytes(bf16=bf16, fp8=fp8)
-
-
-def _names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm_jax.errors import InputError
 from glm_jax.model import GlmMoeModel
 from glm_jax.model.cache import KVCache
 
@@ -48,7 +49,9 @@ def _draft(graphdef, state, hidden, next_ids, cache):
 def speculative_greedy(model: GlmMoeModel, prompt: Sequence[int], *, max_new_tokens: int,
                        stop_tokens: Sequence[int] = ()) -> SpeculativeResult:
     if model.mtp is None:
-        raise ValueError("speculative decoding needs the MTP layer (num_nextn_predict_layers=1)")
+        raise InputError("speculative decoding drafts with the MTP layer, and this model has "
+                         "none (config.num_nextn_predict_layers == 0, e.g. a checkpoint saved by "
+                         "transformers)")
     graphdef, state = nnx.split(model)
     length = len(prompt) + max_new_tokens + 2
     main = KVCache.create(model.config, 1, length)
@@ -71,7 +74,7 @@ def speculative_greedy(model: GlmMoeModel, prompt: Sequence[int], *, max_new_tok
         else:
             token = greedy[:, 0]
             tokens.append(int(token[0]))
-            main = main.rewind(1)
+            main = main.truncate(main.length - 1)
             draft, mtp = _draft(graphdef, state, hidden[:, :1], token[:, None], mtp)
     for i, t in enumerate(tokens):
         if t in stop_tokens:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from glm_jax.config import ModelConfig
+from glm_jax.errors import InputError
 
 
 class KVCache(struct.PyTreeNode):
@@ -40,6 +41,9 @@ class KVCache(struct.PyTreeNode):
         """Marks the next S slots (valid [B, S]) -> (cache, positions [B, S], attention mask
         [B, 1, 1, S, T]): query s sees the valid slots up to and including its own."""
         s = valid.shape[1]
+        if not isinstance(self.length, jax.core.Tracer) and int(self.length) + s > self.max_length:
+            raise InputError(f"KV cache overflow: {int(self.length)} slots used + {s} new > "
+                             f"max_length {self.max_length}")
         slots = self.length + jnp.arange(s)  # [S]
         all_valid = jax.lax.dynamic_update_slice_in_dim(self.valid, valid, self.length, 1)
         positions = self.next_position[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
@@ -50,10 +54,17 @@ class KVCache(struct.PyTreeNode):
                              next_position=self.next_position + jnp.sum(valid, 1, dtype=jnp.int32))
         return cache, positions, mask
 
-    def rewind(self, n: int) -> KVCache:
-        """Forgets the last `n` slots (all real tokens), e.g. a rejected speculative draft; the
-        next write reuses them."""
-        length = self.length - n
-        valid = jax.lax.dynamic_update_slice_in_dim(
-            self.valid, jnp.zeros((self.valid.shape[0], n), bool), length, 1)
-        return self.replace(valid=valid, next_position=self.next_position - n, length=length)
+    def truncate(self, length) -> KVCache:
+        """Keeps the first `length` slots and forgets the rest (a rejected speculative draft, a
+        chat turn that diverges from what the cache holds); the next write reuses them."""
+        kept = jnp.arange(self.max_length) < length  # [T]
+        valid = self.valid & kept[None]
+        return self.replace(valid=valid, next_position=jnp.sum(valid, 1, dtype=jnp.int32),
+                            length=jnp.asarray(length, jnp.int32))
+
+    def grow(self, max_length: int) -> KVCache:
+        """The same contents in a cache of `max_length` slots (>= the current one)."""
+        extra = max_length - self.max_length
+        pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+        return self.replace(k=jax.tree.map(lambda x: pad(x, 2), self.k),
+                            v=jax.tree.map(lambda x: pad(x, 2), self.v), valid=pad(self.valid, 1))

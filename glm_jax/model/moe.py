@@ -28,14 +28,13 @@ class MoeStats(NamedTuple):
 
 
 class Router(nnx.Module):
+    """The router's weights; `routed_experts` computes its float32 logits and the routing."""
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.kernel = normal_param(rngs, (config.hidden_size, config.n_routed_experts),
                                    ("embed", "experts"), config)
         self.e_score_correction_bias = RouterBias(
             jnp.zeros((config.n_routed_experts,), jnp.float32), logical_axes=("experts",))
-
-    def __call__(self, x_th):  # [T, H] -> router logits [T, E], always float32
-        return x_th.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
 
 
 class Experts(nnx.Module):

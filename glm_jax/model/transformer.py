@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm_jax.config import ModelConfig
+from glm_jax.errors import InputError
 from glm_jax.model.attention import Attention, segment_mask
 from glm_jax.model.cache import KVCache
 from glm_jax.model.layers import MLP, Embed, Linear, RMSNorm, rope_cos_sin
@@ -191,7 +192,8 @@ class GlmMoeModel(nnx.Module):
     def mtp_forward(self, hidden, next_ids, *, segment_ids=None, positions=None):
         """As `mtp_logits`, also returning the MTP layer's MoeStats."""
         if self.mtp is None:
-            raise ValueError("this model has no MTP layer (config.num_nextn_predict_layers == 0)")
+            raise InputError("this model has no MTP layer (config.num_nextn_predict_layers == 0, "
+                             "e.g. a checkpoint saved by transformers)")
         chex.assert_rank(next_ids, 2)
         chex.assert_equal_shape_prefix([hidden, next_ids], 2)
         segment_ids, positions = resolve_segments(next_ids, segment_ids, positions, None)

@@ -38,8 +38,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from glm_jax.naming import MATRIX_NAMES, path_names
+
 ADAM_NAMES = ("embedding", "bias", "scale")  # word embeddings, biases, RMSNorm weights
-MUON_NAMES = ("kernel", "gate_proj", "up_proj", "down_proj")  # Linear kernels, stacked experts
+MUON_NAMES = MATRIX_NAMES  # Linear kernels, stacked experts
 HEAD_PARENTS = ("lm_head", "head")  # parents of the output kernels [H, V]: main model, MTP
 NEVER_OPTIMISED = ("e_score_correction_bias",)  # RouterBias: set by loss-free balancing only
 
@@ -95,13 +97,6 @@ def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def param_labels(params, *, head_with_adam: bool = False):
     """The label tree ("muon" / "adam") of a model's Param state, decided by path names:
 
@@ -117,7 +112,7 @@ def param_labels(params, *, head_with_adam: bool = False):
     ever optimised by accident."""
 
     def label(path, leaf):
-        names = [_key_name(k) for k in path]
+        names = path_names(path)
         where = ".".join(names)
         if isinstance(leaf, nnx.Variable) and not isinstance(leaf, nnx.Param):
             raise ValueError(f"{where} is a {type(leaf).__name__}, not an nnx.Param: pass "

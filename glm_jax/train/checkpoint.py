@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 def flatten_state(tree) -> dict[str, jax.Array]:
@@ -34,8 +35,9 @@ class Checkpointer:
     """Keeps the last `keep` checkpoints under `directory`, saving asynchronously."""
 
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
+            self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                                  enable_async_checkpointing=async_save))
 
@@ -57,8 +59,52 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return unflatten_like(state_like, restored["state"]), restored.get("data") if with_data else None
 
+    def restore_latest(self, restore):
+        """-> (step, restore(step)) for the newest checkpoint that restores, or None when there
+        is none. A newest checkpoint that fails (a killed write, a missing or truncated file) is
+        moved aside to `STEP.corrupt` with a one-line warning, and the previous one is tried."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, restore(step)
+            except Exception as e:  # orbax raises many kinds; the root cause is what matters
+                logging.warning("checkpoint %s unreadable (%s); falling back to the previous one",
+                                self.directory / str(step), _root_cause(e))
+                self._set_aside(step)
+        return None
+
+    def restore_weights(self, step: int, weights_like):
+        """Restores only the entries of `weights_like` (e.g. a TrainState whose opt_state is
+        None: params and balance biases), leaving the optimizer state on disk unread."""
+        flat = flatten_state(weights_like)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat)
+        manager = ocp.CheckpointManager(self.directory)  # no handler bound yet: partial restore
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True)))
+        finally:
+            manager.close()
+        return unflatten_like(weights_like, restored["state"])
+
+    def _set_aside(self, step: int) -> None:
+        path = self.directory / str(step)
+        if path.exists():
+            path.rename(path.with_name(f"{step}.corrupt"))
+        self.manager.reload()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception of a chain, as one line."""
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"

@@ -1,10 +1,17 @@
-"""Defaults shared by every pre-training config (configs/pretrain_*.py override them)."""
+"""Defaults shared by every pre-training config (configs/pretrain_*.py override them), and the
+check that runs before any expensive work: a bad value fails in a second, naming its field,
+instead of after the corpus, the tokenizer and a compiled step."""
 
 from __future__ import annotations
 
+import math
+
+import jax
 import ml_collections
 
+from glm_jax.config import ModelConfig
 from glm_jax.data import default_data_config
+from glm_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,8 +42,123 @@ def base_config() -> ml_collections.ConfigDict:
     config.log_every = 10
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
-    config.tokenizer_path = ""  # a tokenizer.json; empty: train a byte-level BPE on the corpus
+    config.tokenizer_path = ""  # the model's tokenizer.json
+    # With no tokenizer_path: train a byte-level BPE of tokenizer_vocab_size on the corpus. Off
+    # by default, so a real model never silently gets a toy tokenizer.
+    config.train_tokenizer = False
     config.tokenizer_vocab_size = 4096
     config.peak_flops_per_device = 0.0  # for MFU; 0 leaves MFU out (e.g. on CPU)
     config.data = default_data_config()
     return config
+
+
+def _fail(field: str, message: str):
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def check_int(config, field: str, minimum: int) -> int:
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(field, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_float(config, field: str, minimum: float = 0.0, *, positive: bool = False) -> float:
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < minimum or (positive and value <= 0)):
+        bound = "> 0" if positive else f">= {minimum}"
+        _fail(field, f"must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_mesh(config) -> None:
+    from glm_jax.sharding import AXES
+
+    unknown = set(config.mesh) - set(AXES)
+    if unknown:
+        _fail("mesh", f"unknown axes {sorted(unknown)}; the axes are {AXES}")
+    for axis in config.mesh:
+        check_int(config, f"mesh.{axis}", 1)
+    devices = config.num_devices or jax.device_count()
+    fixed = math.prod(config.mesh.values())
+    if devices % fixed:
+        _fail("mesh", f"axis sizes {dict(config.mesh)} (product {fixed}) do not divide the "
+                      f"{devices} devices")
+
+
+def check_model(config, vocab_size: int = 0) -> ModelConfig:
+    """The ModelConfig `config.model` describes (vocab_size from the tokenizer when known)."""
+    overrides = dict(config.model.overrides)
+    if vocab_size:
+        overrides = {"vocab_size": vocab_size, **overrides}
+    try:
+        return ModelConfig.preset(config.model.preset, **overrides)
+    except TypeError as e:  # an override that is no ModelConfig field
+        _fail("model.overrides", str(e))
+    except ConfigError as e:
+        _fail("model", str(e))
+
+
+def check_step(config, model: ModelConfig) -> None:
+    for field in ("step.mtp_weight", "step.mtp_weight_after", "step.aux_weight",
+                  "step.bias_rate", "step.spike_factor"):
+        check_float(config, field)
+    if not model.num_nextn_predict_layers and (config.step.mtp_weight or (
+            config.step.mtp_weight_switch_step >= 0 and config.step.mtp_weight_after)):
+        _fail("step.mtp_weight", f"is {config.step.mtp_weight} but the model has no MTP layer "
+              "(num_nextn_predict_layers == 0): set step.mtp_weight=0 and step.mtp_weight_after=0")
+
+
+def check_optimizer(config) -> None:
+    check_int(config, "schedule_steps", 2)
+    warmup = check_int(config, "warmup_steps", 1)
+    if warmup >= config.schedule_steps:
+        _fail("warmup_steps", f"{warmup} must be < schedule_steps {config.schedule_steps}")
+    peak = check_float(config, "peak_learning_rate", positive=True)
+    if check_float(config, "floor_learning_rate") > peak:
+        _fail("floor_learning_rate", f"{config.floor_learning_rate} exceeds peak_learning_rate "
+                                     f"{peak}")
+    check_float(config, "weight_decay")
+    check_float(config, "grad_clip")
+
+
+def check_tokenizer(config, workdir_has_tokenizer: bool) -> None:
+    if not config.tokenizer_path and not config.train_tokenizer and not workdir_has_tokenizer:
+        _fail("tokenizer_path", "is empty: set it to the model's tokenizer.json, or set "
+              f"train_tokenizer=True to train a {config.tokenizer_vocab_size}-token BPE on the "
+              "corpus")
+    if not config.tokenizer_path:
+        check_int(config, "tokenizer_vocab_size", 256)
+
+
+def check_batches(config) -> None:
+    check_int(config, "seq_len", 2)
+    batch = check_int(config, "batch_size", 1)
+    micro = check_int(config, "micro_batches", 1)
+    processes = jax.process_count()
+    if batch % (micro * processes):
+        _fail("batch_size", f"{batch} is not divisible by micro_batches {micro} x processes "
+                            f"{processes}")
+
+
+def validate_pretrain(config, *, workdir_has_tokenizer: bool = False) -> ModelConfig:
+    """Checks every field a pre-training run reads -> the model config (placeholder vocab)."""
+    check_int(config, "steps", 1)
+    check_int(config, "log_every", 1)
+    check_int(config, "checkpoint_every", 1)
+    check_int(config, "keep_checkpoints", 1)
+    check_batches(config)
+    check_optimizer(config)
+    check_mesh(config)
+    check_tokenizer(config, workdir_has_tokenizer)
+    model = check_model(config)
+    check_step(config, model)
+    if config.data.packing.method not in ("concat_then_split", "best_fit"):
+        _fail("data.packing.method", f"must be 'concat_then_split' or 'best_fit', got "
+                                     f"{config.data.packing.method!r}")
+    return model

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -21,7 +22,9 @@ from glm_jax import sharding
 from glm_jax.config import ModelConfig
 from glm_jax.model import GlmMoeModel
 from glm_jax.optim import batch_size_schedule, muon, warmup_cosine
+from glm_jax.errors import InputError
 from glm_jax.train.checkpoint import Checkpointer
+from glm_jax.train.config import validate_pretrain
 from glm_jax.train.metrics import MetricsLogger
 from glm_jax.train.step import StepConfig, TrainState, make_train_step
 
@@ -116,6 +119,7 @@ def accumulation_schedule(config):
 def pretrain(config) -> list[dict]:
     """Runs until `config.steps`; returns the metrics logged by this run."""
     workdir = Path(config.workdir)
+    validate_pretrain(config, workdir_has_tokenizer=(workdir / "tokenizer.json").exists())
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = data_lib.tokenizer_for(config, workdir)
     model_cfg = model_config(config, tokenizer.get_vocab_size())
@@ -125,9 +129,6 @@ def pretrain(config) -> list[dict]:
     train_step = make_train_step(graphdef, optimizer, step_config(config), schedule)
 
     processes = jax.process_count()
-    if config.batch_size % (config.micro_batches * processes):
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by micro_batches "
-                         f"{config.micro_batches} x processes {processes}")
     micro_rows = config.batch_size // config.micro_batches // processes
     pipeline = data_lib.build_pipeline(  # yields this process's rows of one micro-batch
         config.data, tokenizer=tokenizer, seq_len=config.seq_len, batch_size=micro_rows,
@@ -136,9 +137,10 @@ def pretrain(config) -> list[dict]:
     accumulation = accumulation_schedule(config)
     batches = iter(pipeline)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    start = checkpointer.latest_step() or 0
-    if start:
-        state, data_state = checkpointer.restore(start, state)
+    start = 0
+    restored = checkpointer.restore_latest(lambda step: checkpointer.restore(step, state))
+    if restored is not None:
+        start, (state, data_state) = restored
         batches.set_state(data_state)
         logging.info("resumed from step %d", start)
     logger = MetricsLogger(workdir, start_step=start, total_steps=config.steps,
@@ -150,7 +152,7 @@ def pretrain(config) -> list[dict]:
     for step in range(start, config.steps):
         micro = [next(batches) for _ in range(accumulation(step))]
         batch = {k: np.concatenate([m[k] for m in micro]) for k in micro[0]}
-        with sharding.use_mesh(mesh):
+        with jax.set_mesh(mesh):
             state, metrics = train_step(state, global_batch(batch, len(micro), mesh))
         done = step + 1
         tokens += len(micro) * micro_rows * processes * config.seq_len
@@ -174,16 +176,32 @@ def pretrain(config) -> list[dict]:
 
 
 def load_trained(config):
-    """-> (model, tokenizer) from the latest checkpoint in `config.workdir`."""
+    """-> (model, tokenizer) from the newest readable checkpoint in `config.workdir`: weights and
+    balance biases only, restored straight into their shardings (no optimizer state is built)."""
     workdir = Path(config.workdir)
-    tokenizer = data_lib.tokenizer_for(config, workdir)
-    optimizer, _ = build_optimizer(config)
-    graphdef, state = init_state(config, model_config(config, tokenizer.get_vocab_size()),
-                                 optimizer, training_mesh(config))
+    tokenizer_path = config.tokenizer_path or workdir / "tokenizer.json"
+    if not Path(tokenizer_path).is_file():
+        raise InputError(f"{workdir}: not a training workdir (no tokenizer {tokenizer_path})")
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to load")
-    state, _ = checkpointer.restore(step, state, with_data=False)
+    if checkpointer.latest_step() is None:
+        raise InputError(f"{workdir / 'checkpoints'}: no checkpoint to load")
+    tokenizer = data_lib.load_tokenizer(tokenizer_path)
+    model_cfg = model_config(config, tokenizer.get_vocab_size())
+    abstract = nnx.eval_shape(lambda: GlmMoeModel(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, buffers = nnx.split(abstract, nnx.Param, ...)
+    mesh = training_mesh(config)
+
+    def placed(tree):
+        return jax.tree.map(
+            lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+            tree, sharding.state_shardings(tree, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    like = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=placed(params),
+                      buffers=placed(buffers), opt_state=None, loss_ema=scalar)
+    restored = checkpointer.restore_latest(lambda step: checkpointer.restore_weights(step, like))
     checkpointer.close()
+    if restored is None:
+        raise InputError(f"{workdir / 'checkpoints'}: no readable checkpoint")
+    _, state = restored
     return nnx.merge(graphdef, state.params, state.buffers), tokenizer

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import tqdm
+from absl import logging
 from tensorboardX import SummaryWriter
 
 SCALARS = ("loss", "ce_loss", "mtp_loss", "aux_loss", "grad_norm", "learning_rate", "max_vio",
@@ -44,7 +45,7 @@ class MetricsLogger:
         if "expert_load" in metrics:
             load = np.asarray(metrics["expert_load"])
             record["expert_load"] = load.tolist()
-            self.tensorboard.add_histogram("expert_load", _expert_ids(load), step)
+            add_expert_histogram(self.tensorboard, load, step)
             write_load_heatmap(load, self.workdir / "expert_load.png", step)
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -64,17 +65,36 @@ class MetricsLogger:
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Keeps the records up to `step`; a line cut short by a kill or a full disk is dropped."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            logging.warning("%s:%d: dropping a partly written line", path, number)
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
-def _expert_ids(load: np.ndarray) -> np.ndarray:
-    """Expands [L, E] counts into samples of expert ids (for a TensorBoard histogram)."""
-    totals = load.sum(axis=0)
-    return np.repeat(np.arange(totals.shape[0]), totals.astype(np.int64))
+def add_expert_histogram(writer: SummaryWriter, load: np.ndarray, step: int) -> None:
+    """The histogram of routed token copies over expert ids, from the [L, E] counts (summed over
+    layers): one bucket per expert, never one sample per token (at GLM-4.5 scale a step routes
+    ~1e10 copies)."""
+    totals = load.astype(np.float64).sum(axis=0)  # [E]
+    ids = np.arange(totals.shape[0], dtype=np.float64)
+    used = np.nonzero(totals)[0]
+    if not used.size:
+        return
+    writer.add_histogram_raw(
+        "expert_load", min=float(used[0]), max=float(used[-1]), num=float(totals.sum()),
+        sum=float(ids @ totals), sum_squares=float((ids ** 2) @ totals),
+        bucket_limits=(ids + 0.5).tolist(), bucket_counts=totals.tolist(), global_step=step)
 
 
 def write_load_heatmap(load: np.ndarray, path: Path, step: int) -> None:

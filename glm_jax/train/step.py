@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from glm_jax.errors import InputError
 from glm_jax.train.balance import bias_update_rate, max_violation, update_router_biases
 
 Batch = dict[str, jax.Array]  # input_ids, target_ids, segment_ids, positions, loss_mask: [A, B, S]
@@ -33,6 +34,16 @@ class StepConfig:
     spike_factor: float = 3.0  # skip a step whose loss exceeds this multiple of its running mean
     spike_warmup_steps: int = 20  # the running mean needs a few steps before it means anything
     loss_ema_decay: float = 0.9
+
+    @property
+    def uses_mtp(self) -> bool:
+        return bool(self.mtp_weight or (self.mtp_weight_switch_step is not None
+                                        and self.mtp_weight_after))
+
+
+NO_MTP_MESSAGE = ("the model has no MTP layer (config.num_nextn_predict_layers == 0, e.g. a "
+                  "checkpoint saved by transformers) but the MTP loss weight is {weight}: set "
+                  "step.mtp_weight=0 (and step.mtp_weight_after=0)")
 
 
 class TrainState(struct.PyTreeNode):
@@ -85,6 +96,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                else jnp.float32(0))
         loads = {"moe_layers": out.moe_stats.tokens_per_expert} if out.moe_stats else {}
         mtp = jnp.float32(0.0)
+        if model.mtp is None and cfg.uses_mtp:
+            raise InputError(NO_MTP_MESSAGE.format(weight=cfg.mtp_weight))
         if model.mtp is not None:
             logits, stats = model.mtp_forward(out.hidden, micro["target_ids"],
                                               segment_ids=micro["segment_ids"],

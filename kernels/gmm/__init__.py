@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from kernels.backends import resolve
 from kernels.gmm import gpu, reference, tpu
 
 Array = jax.Array
@@ -42,14 +43,6 @@ def _auto_backend() -> str:
     until then GPU, like CPU, uses the reference.
     """
     return "tpu" if jax.default_backend() == "tpu" else "reference"
-
-
-def _resolve_backend(backend: str) -> str:
-    name = _auto_backend() if backend == "auto" else backend
-    if name not in BACKENDS:
-        valid = ", ".join(["auto", *BACKENDS])
-        raise ValueError(f"unknown gmm backend {backend!r}; valid backends: {valid}")
-    return name
 
 
 def _check_inputs(lhs: Array, rhs: Array, group_sizes: Array) -> None:
@@ -93,7 +86,7 @@ def gmm(
     ``backend``: "auto" or a key of ``BACKENDS``.
     """
     _check_inputs(lhs, rhs, group_sizes)
-    name = _resolve_backend(backend)
+    name = resolve("gmm", backend, BACKENDS, _auto_backend)
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     return _gmm(lhs, rhs, group_sizes, name, out_dtype)
 

@@ -6,6 +6,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from kernels.backends import resolve
 from kernels.routing import pallas, reference
 from kernels.routing.permute import ExpertSort, sort_by_expert, unsort
 
@@ -75,10 +76,7 @@ def route(
     descending biased-score order. See ``reference.route``.
     """
     _check_inputs(logits, bias, top_k, n_group, topk_group)
-    name = _auto_backend() if backend == "auto" else backend
-    if name not in BACKENDS:
-        valid = ", ".join(["auto", *BACKENDS])
-        raise ValueError(f"unknown route backend {backend!r}; valid backends: {valid}")
+    name = resolve("route", backend, BACKENDS, _auto_backend)
     return BACKENDS[name](
         logits,
         bias,

@@ -1,5 +1,6 @@
 """Grouping token copies by expert (for gmm) and putting them back."""
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -25,12 +26,25 @@ def sort_by_expert(expert_ids: Array, num_experts: int) -> ExpertSort:
     return ExpertSort(order, order // k, group_sizes)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def unsort(y_sorted: Array, order: Array, k: int) -> Array:
     """y_sorted [T*k, D] in expert order -> [T, k, D] in (token, slot) order.
 
-    A gather through the inverse permutation (built by one integer scatter),
-    so the gradient is a plain gather-transpose and no float scatter is used.
+    Both directions are gathers: forward through the inverse permutation (built by one integer
+    scatter), backward through `order` itself (the transpose of a permutation gather is the
+    gather by the inverse permutation), so no float scatter-add runs in either pass.
     """
     n, d = y_sorted.shape
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=order.dtype))  # [T*k]
     return y_sorted[inverse].reshape(n // k, k, d)
+
+
+def _unsort_fwd(y_sorted, order, k):
+    return unsort(y_sorted, order, k), order
+
+
+def _unsort_bwd(k, order, g_tkd):
+    return g_tkd.reshape(order.shape[0], -1)[order], None
+
+
+unsort.defvjp(_unsort_fwd, _unsort_bwd)
