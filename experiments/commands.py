@@ -124,21 +124,28 @@ def _stop_ids(tokenizer) -> list[int]:
 
 def generate(flags) -> None:
     """Stream a continuation of --prompt from --checkpoint (Hugging Face dir or workdir)."""
-    from tokenizers.decoders import DecodeStream
-
     from glm_jax.infer import stream
 
     sampling = _sampling(flags)
     model, tokenizer = load_for_inference(flags)
     tokens = stream(model, tokenizer.encode(flags.prompt).ids, max_new_tokens=flags.steps,
                     sampling=sampling, stop_tokens=_stop_ids(tokenizer), seed=flags.seed)
-    decoder = DecodeStream(skip_special_tokens=False)  # multi-byte characters arrive whole
     print(flags.prompt, end="", flush=True)
+    for piece in decoded_pieces(tokenizer, tokens):
+        print(piece, end="", flush=True)
+    print()
+
+
+def decoded_pieces(tokenizer, tokens):
+    """Text as tokens arrive, decoded incrementally: a character split over several byte tokens
+    comes out whole once its last byte arrives (re-decoding prefixes would print U+FFFD)."""
+    from tokenizers.decoders import DecodeStream
+
+    decoder = DecodeStream(skip_special_tokens=False)
     for token in tokens:
         piece = decoder.step(tokenizer, token)
         if piece is not None:
-            print(piece, end="", flush=True)
-    print()
+            yield piece
 
 
 def chat(flags) -> None:

@@ -1,5 +1,8 @@
-"""The launcher's inference commands end to end on a Hugging Face-layout tiny checkpoint."""
+"""The launcher end to end: inference commands on a Hugging Face-layout tiny checkpoint, the
+command list and help, and every user mistake as one line with exit status 2."""
 
+import re
+import shutil
 import subprocess
 import sys
 
@@ -37,3 +40,81 @@ def test_chat_answers_each_line(checkpoint):
     out = _run(["chat", f"--checkpoint={checkpoint}", "--steps=6", "--nothinking"],
                stdin="hello\nand again\n")
     assert out.count("assistant:") == 2
+
+
+def _fails(args, message, stdin=""):
+    result = subprocess.run([sys.executable, "-m", "experiments", *args], input=stdin,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nosuch"], "unknown command 'nosuch'"),
+    (["pretrain", "--nosuchflag=1"], "Unknown command line flag 'nosuchflag'"),
+    (["pretrain", "--config=configs/pretrain_tiny.py", "--config.no_such_field=1"],
+     "flag --config.no_such_field: the config has no field 'no_such_field'"),
+    (["pretrain", "--config=configs/pretrain_tiny.py", "--config.steps=abc"],
+     "flag --config.steps=abc: invalid literal for int()"),
+    (["pretrain", "--config=configs/nosuch.py"], "--config: [Errno 2] No such file"),
+    (["pretrain", "--config=configs/pretrain_tiny.py", "--config.batch_size=0"],
+     "config.batch_size: must be an integer >= 1, got 0"),
+    (["pretrain", "--config=configs/pretrain_tiny.py", "--config.checkpoint_every=0"],
+     "config.checkpoint_every: must be an integer >= 1, got 0"),
+    (["pretrain", "--config=configs/pretrain_glm45_mini.py"],
+     "config.tokenizer_path: is empty: set it to the model's tokenizer.json, or set "
+     "train_tokenizer=True"),
+    (["bench", "--what=nope"], "--what must be one of"),
+    (["generate", "--checkpoint="], "needs --checkpoint=DIR"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(args, message):
+    _fails(args, message)
+
+
+def test_nothing_is_created_before_the_config_is_checked(tmp_path):
+    workdir = tmp_path / "run"
+    _fails(["pretrain", "--config=configs/pretrain_tiny.py", "--config.steps=-5",
+            f"--config.workdir={workdir}"], "config.steps: must be an integer >= 1, got -5")
+    missing = tmp_path / "missing"
+    _fails(["generate", f"--checkpoint={missing}"], f"--checkpoint {missing}: no such directory")
+    (tmp_path / "empty").mkdir()
+    _fails(["generate", f"--checkpoint={tmp_path / 'empty'}"], "neither a Hugging Face checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_bad_checkpoints_and_tokenizers_are_one_line(checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"")
+    _fails(["convert", f"--checkpoint={broken}"], "model.safetensors: not a safetensors file")
+    big = tmp_path / "big_vocab"
+    shutil.copytree(checkpoint, big)
+    (big / "tokenizer.json").unlink()
+    assert train_bpe(["".join(chr(0x4E00 + i) for i in range(800))] * 3, 1000,
+                     big / "tokenizer.json").get_vocab_size() > 512
+    _fails(["generate", f"--checkpoint={big}", "--steps=2"],
+           "tokens, more than the model's vocab_size 512")
+
+
+def test_command_list_and_help():
+    listing = _run([])
+    from experiments.commands import COMMANDS
+    for name in COMMANDS:
+        assert re.search(rf"^  {name}\s+\S", listing, re.M), name
+    help_text = _run(["pretrain", "--config=configs/pretrain_tiny.py", "--help"])
+    assert "--config=" in help_text and "  steps = 60" in help_text and "  seq_len = 128" in help_text
+
+
+def test_streamed_text_keeps_multibyte_characters(checkpoint):
+    from experiments.commands import decoded_pieces
+    from glm_jax.data import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    text = "héllo wörld, 日本語 😀 — fin"
+    ids = tokenizer.encode(text).ids
+    assert len(ids) > len(text) // 2  # byte-level pieces: characters span several tokens
+    assert "".join(decoded_pieces(tokenizer, ids)) == text

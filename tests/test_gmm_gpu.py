@@ -12,6 +12,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.experimental.pallas.triton import CUSTOM_CALL_TARGET_NAME
 
 from kernels.gmm import gpu, reference
@@ -68,18 +70,22 @@ def test_direct_kernels_options():
         tgmm_i(x, dy, gs, 3, preferred_element_type=jnp.float32)
 
 
-@pytest.mark.parametrize(
-    "kind,m,k,n,g,dtype,tiles",
-    [
-        ("gmm", 65536, 5120, 1536, 160, jnp.bfloat16, (128, 64, 128)),  # training, big groups
-        ("gmm", 64, 5120, 1536, 160, jnp.bfloat16, (16, 64, 128)),  # decode: ~1 row per group
-        ("gmm", 1000, 72, 40, 8, jnp.float32, (128, 32, 64)),  # f32: tk 32
-        ("tgmm", 65536, 5120, 1536, 160, jnp.bfloat16, (64, 128, 128)),
-        ("tgmm", 8, 40, 8, 4, jnp.float32, (16, 64, 16)),  # floor of 16
-    ],
-)
-def test_tile_choice(kind, m, k, n, g, dtype, tiles):
-    assert gpu._tiles(kind, m, k, n, g, jnp.dtype(dtype)) == tiles
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(kind=st.sampled_from(["gmm", "tgmm"]), m=st.integers(1, 1 << 17),
+       k=st.integers(1, 8192), n=st.integers(1, 8192), g=st.integers(1, 256),
+       wide=st.booleans())
+def test_tiles_are_legal_triton_blocks(kind, m, k, n, g, wide):
+    """Whatever the heuristic picks: power-of-two blocks of at least 16 (what Triton's dot
+    needs), never larger than 128 nor than the dimension rounded up to a power of two (so a
+    tile never overhangs a whole extra power of two), and gmm's row tile no larger than the
+    mean group rounded up (smaller groups would waste most of every visit)."""
+    tiles = gpu._tiles(kind, m, k, n, g, jnp.dtype(jnp.float32 if wide else jnp.bfloat16))
+    pow2 = lambda d: 1 << max(d - 1, 0).bit_length()
+    for tile, dim in zip(tiles, (m, k, n)):
+        assert tile >= 16 and tile & (tile - 1) == 0 and tile <= 128
+        assert tile <= max(16, pow2(dim))
+    if kind == "gmm":
+        assert tiles[0] <= max(16, pow2(-(-m // g)))
 
 
 def test_lowers_to_triton(monkeypatch):

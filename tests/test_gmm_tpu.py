@@ -8,6 +8,8 @@ wrapper exists for: ragged M/K/N, empty groups, rows past sum(group_sizes).
 import jax
 import jax.numpy as jnp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels.gmm import reference, tpu
 from tests import gmm_backend_checks as checks
@@ -67,14 +69,21 @@ def test_maxtext_1183_ragged_k():
     checks.assert_close(out, reference.gmm(x, w, gs), jnp.float32)
 
 
-@pytest.mark.parametrize(
-    "dim,max_tile,tile",
-    [(72, 128, 72), (128, 128, 128), (200, 128, 128), (1536, 512, 512), (1280, 512, 256),
-     (640, 512, 128), (700, 512, 512)],
-)
-def test_tile_choice(dim, max_tile, tile):
-    """Whole dim if it fits, else a dividing 128-multiple, else max_tile (and pad)."""
-    assert tpu._tile(dim, max_tile) == tile
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(dim=st.integers(1, 20_000), max_tile=st.sampled_from([128, 256, 512, 1024]))
+def test_tiles_are_legal_mosaic_blocks(dim, max_tile):
+    """The whole dim when it fits; else a multiple of 128 lanes no larger than max_tile that
+    divides dim when any power-of-two fraction of max_tile does (no padding), the largest such;
+    else max_tile with the dim padded to it."""
+    tile = tpu._tile(dim, max_tile)
+    if dim <= max_tile:
+        assert tile == dim
+        return
+    assert tile % 128 == 0 and tile <= max_tile
+    dividing = [max_tile >> s for s in range(8) if (max_tile >> s) >= 128 and dim % (max_tile >> s) == 0]
+    assert tile == (dividing[0] if dividing else max_tile)
+    _, padded = tpu._tiles(dim, dim, dim, (max_tile,) * 3)
+    assert padded[0] % tile == 0 and padded[0] - dim < tile
 
 
 def test_auto_backend_picks_tpu_on_tpu(monkeypatch):

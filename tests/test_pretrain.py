@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from configs import pretrain_tiny
+from glm_jax import ConfigError
 from glm_jax.data import load_tokenizer
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.loop import load_trained, pretrain
@@ -110,8 +111,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(full_run, tmp_path
 def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, numpy as np, jax.numpy as jnp
-        from glm_jax.data import load_tokenizer
-from glm_jax.train.checkpoint import Checkpointer
+        from glm_jax.train.checkpoint import Checkpointer
         c = Checkpointer({str(tmp_path)!r})
         c.save(1, {{"w": jnp.ones((4,))}}, {{"pos": 1}})
         c.wait()
@@ -144,3 +144,25 @@ def test_batch_size_warmup_schedule():
     at = accumulation_schedule(config)
     assert [at(s) for s in range(5)] == [1, 1, 2, 2, 2]  # 64, 128 tokens seen: stage 0; then full
     assert accumulation_schedule(config)(3) == 2  # a resumed run recomputes the same steps
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(steps=0), "config.steps: must be an integer >= 1, got 0"),
+    (dict(seq_len=1), "config.seq_len: must be an integer >= 2"),
+    (dict(batch_size=6, micro_batches=4), "config.batch_size: 6 is not divisible by micro_batches 4"),
+    (dict(warmup_steps=8), "config.warmup_steps: 8 must be < schedule_steps 8"),
+    (dict(peak_learning_rate=float("nan")), "config.peak_learning_rate: must be a finite number"),
+    (dict(mesh={"pipeline": 2}), "config.mesh: unknown axes ['pipeline']"),
+    (dict(train_tokenizer=False), "config.tokenizer_path: is empty"),
+    (dict(model=dict(preset="tiny", overrides=dict(hidden_size=-1))),
+     "config.model: ModelConfig.hidden_size: must be a positive integer"),
+    (dict(model=dict(preset="tiny", overrides=dict(num_nextn_predict_layers=0))),
+     "config.step.mtp_weight: is 0.3 but the model has no MTP layer"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, change, message):
+    config = _config(tmp_path / "run", 8)
+    config.update(change)
+    with pytest.raises(ConfigError) as error:
+        pretrain(config)
+    assert message in str(error.value)
+    assert not (tmp_path / "run").exists()

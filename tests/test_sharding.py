@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glm_jax import GlmMoeModel, ModelConfig, load_hf, save_hf
+from glm_jax import GlmMoeModel, InputError, ModelConfig, load_hf, save_hf
 from glm_jax import sharding
 
 CONFIG = ModelConfig.preset("tiny")
@@ -131,3 +131,13 @@ def test_memory_plan_counts_shards_exactly():
     # every MoE layer's (and the MTP layer's) expert stack is split 8 ways
     assert split["optimizer_GiB"] < replicated["optimizer_GiB"] - 0.8 * experts * 4 * (
         CONFIG.num_moe_layers + 1) / GiB
+
+
+def test_mesh_that_does_not_divide_a_parameter_names_it():
+    config = CONFIG.replace(vocab_size=511)  # the vocabulary axis shards over `tensor`
+    abstract = nnx.state(nnx.eval_shape(lambda: GlmMoeModel(config, rngs=nnx.Rngs(0))))
+    mesh = sharding.make_mesh({"tensor": 2, "data": 4})
+    with pytest.raises(InputError, match=r"parameter embed_tokens\.embedding: dimension 0 "
+                                         r"\(vocab, size 511\) does not divide over mesh axes "
+                                         r"tensor=2 \(2 ways\)"):
+        sharding.state_shardings(abstract, mesh)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import kernels
-from glm_jax import GlmMoeModel, ModelConfig
+from glm_jax import GlmMoeModel, InputError, ModelConfig
 from glm_jax.train.balance import balance_bias_update, max_violation
 from glm_jax.train.step import StepConfig, TrainState, make_train_step, mtp_targets
 
@@ -124,3 +124,15 @@ def test_mtp_targets_stay_inside_documents():
     targets, mask = mtp_targets(batch)
     np.testing.assert_array_equal(targets[0, :2], [11, 12])
     np.testing.assert_array_equal(mask[0], [1, 0, 0, 0, 0, 0])
+
+
+def test_mtp_loss_on_a_model_without_mtp_says_so():
+    model = GlmMoeModel(CONFIG.replace(num_nextn_predict_layers=0), rngs=nnx.Rngs(0))
+    batch = _batch(np.random.default_rng(5), 1, 2, 8)
+    graphdef, state = _fresh_state(model, optax.sgd(0.1))
+    step = make_train_step(graphdef, optax.sgd(0.1), StepConfig(mtp_weight=0.3), 0.1)
+    with pytest.raises(InputError, match="the model has no MTP layer .* set step.mtp_weight=0"):
+        step(state, batch)
+    step = make_train_step(graphdef, optax.sgd(0.1), StepConfig(mtp_weight=0.0), 0.1)
+    _, metrics = step(state, batch)
+    assert float(metrics["mtp_loss"]) == 0.0 and np.isfinite(float(metrics["loss"]))

@@ -104,7 +104,8 @@ def write_load_heatmap(load: np.ndarray, path: Path, step: int) -> None:
     from matplotlib import pyplot as plt
 
     relative = load / np.maximum(load.mean(axis=-1, keepdims=True), 1e-9)
-    fig, ax = plt.subplots(figsize=(max(4, load.shape[1] * 0.15 + 2), max(2, load.shape[0] * 0.3 + 1)))
+    size = (min(16, max(4, load.shape[1] * 0.15 + 2)), min(12, max(2, load.shape[0] * 0.3 + 1)))
+    fig, ax = plt.subplots(figsize=size)  # capped: 89 layers x 160 experts stays 1600 x 1200 px
     image = ax.imshow(relative, aspect="auto", cmap="viridis")
     ax.set(xlabel="expert", ylabel="MoE layer", title=f"expert load / mean, step {step}")
     fig.colorbar(image, ax=ax)
