@@ -47,6 +47,22 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return tokenizer
 
 
+# The chat format's tokens (SPEC.md §5): each must be one token for SFT masks and parsing.
+CHAT_TOKENS = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+               "/nothink", "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>",
+               "</arg_key>", "<arg_value>", "</arg_value>", "<tool_response>",
+               "</tool_response>", EOT)
+
+
+def check_chat_tokens(tokenizer: Tokenizer, where) -> None:
+    """Raises naming every chat token that `tokenizer` does not encode as a single token."""
+    split = [t for t in CHAT_TOKENS
+             if len(tokenizer.encode(t, add_special_tokens=False).ids) != 1]
+    if split:
+        raise InputError(f"{where}: the tokenizer does not hold the chat tokens {split} as "
+                         "single tokens (GLM-4.5's tokenizer.json and glm-jax's trained BPE do)")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, cache_path: str | os.PathLike) -> Tokenizer:
     """Trains a byte-level BPE with the GLM special tokens, or loads it if `cache_path` exists.
 
@@ -63,7 +79,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, cache_path: str | os.PathLi
     # BPE training is quadratic in the length of a pre-tokenised piece: a long run with no
     # break (minified code, base64, a 10 MB line) would take hours. Pieces are cut to
     # MAX_PIECE_CHARS; real words and indentation runs are shorter.
+    # Digits stay single tokens, so numbers are spelled digit by digit (arithmetic tasks).
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
         pre_tokenizers.Split(Regex(f".{{1,{MAX_PIECE_CHARS}}}"), behavior="isolated")])
     tokenizer.decoder = decoders.ByteLevel()

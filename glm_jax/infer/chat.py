@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["parse_output", "render_chat", "render_tool_calls"]
+__all__ = ["parse_output", "render_chat", "render_chat_parts", "render_tool_calls"]
 
 # ----------------------------------------------------------------------------------------------
 # Rendering
@@ -78,6 +78,23 @@ def render_chat(
     `tools` that is not a list, a non-string function name, arguments that are not a dict, tool
     content that is not a string or list) raise TypeError naming the culprit.
     """
+    return "".join(text for _, text in render_chat_parts(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt,
+        enable_thinking=enable_thinking))
+
+
+def render_chat_parts(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    enable_thinking: bool = True,
+) -> list[tuple[str, str]]:
+    """`render_chat`'s output as (source, text) pieces that concatenate to it: source is
+    "prefix", "tools", "generation_prompt" or the role of the message the text renders. Every
+    boundary between pieces touches a special token (a role token, or `</tool_response>` before
+    a tool result that continues an observation), so SFT can mask by piece (loss on what the
+    assistant writes) and tokenise piece by piece exactly as the whole."""
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise TypeError(f"messages[{i}] must be a dict, got {type(message).__name__}")
@@ -90,23 +107,27 @@ def render_chat(
                 raise TypeError(f"tools[{i}] must be a dict, got {type(tool).__name__}")
     # Reasoning survives only in assistant turns after the last user message.
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
-    parts = [_PREFIX]
+    parts = [("prefix", _PREFIX)]
     if tools:
-        parts.append(_render_tools(tools))
+        parts.append(("tools", _render_tools(tools)))
     for i, message in enumerate(messages):
         role = message.get("role")
         if role == "system":
-            parts.append("<|system|>\n" + _visible_text(message.get("content", _NO_CONTENT)))
+            text = "<|system|>\n" + _visible_text(message.get("content", _NO_CONTENT))
         elif role == "user":
-            parts.append(_render_user(message, enable_thinking))
+            text = _render_user(message, enable_thinking)
         elif role == "assistant":
-            parts.append(_render_assistant(message, keep_reasoning=i > last_user))
+            text = _render_assistant(message, keep_reasoning=i > last_user)
         elif role == "tool":
             continues = i > 0 and messages[i - 1].get("role") == "tool"
-            parts.append(_render_tool(message, i, opens_observation=not continues))
+            text = _render_tool(message, i, opens_observation=not continues)
+        else:
+            continue
+        parts.append((role, text))
     if add_generation_prompt:
-        parts.append("<|assistant|>" + ("" if enable_thinking else _EMPTY_THINK))
-    return "".join(parts)
+        parts.append(("generation_prompt",
+                      "<|assistant|>" + ("" if enable_thinking else _EMPTY_THINK)))
+    return parts
 
 
 def render_tool_calls(tool_calls: Iterable[Mapping[str, Any]]) -> str:
