@@ -26,7 +26,7 @@ flags.DEFINE_integer("num_processes", None, "multi-process runs: number of proce
 flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
 flags.DEFINE_string("checkpoint", None,
                     "Hugging Face directory, or a training workdir (generate, chat, convert, eval)")
-flags.DEFINE_integer("steps", 64, "tokens to sample (demo, generate, chat)")
+flags.DEFINE_integer("steps", 64, "tokens to sample (demo, generate, chat, eval, distill)")
 flags.DEFINE_string("prompt", "def ", "text to continue (demo, generate)")
 flags.DEFINE_string("workdir", None, "workdir of the demo run (default: the config's)")
 flags.DEFINE_string("what", "decode", "bench: which benchmark")
@@ -40,6 +40,18 @@ flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
 flags.DEFINE_bool("thinking", True, "chat: hybrid thinking on (off appends /nothink)")
 flags.DEFINE_string("tools", None, "chat: JSON file with a list of tool definitions")
 flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_string("task", "builtin", "eval, distill: 'builtin' (the task family) or a JSONL of "
+                    "prompts with references")
+flags.DEFINE_string("split", "heldout", "eval, distill: the built-in task's split")
+flags.DEFINE_integer("problems", 64, "eval, distill: number of prompts")
+flags.DEFINE_integer("samples", 1, "eval, distill: responses sampled per prompt")
+flags.DEFINE_string("k", "1", "eval: pass@k for each k (comma-separated, <= --samples)")
+flags.DEFINE_string("modes", "think,nothink", "eval: thinking modes to score")
+flags.DEFINE_string("text", None, "eval: held-out text for bits per byte (file, or .jsonl of text)")
+flags.DEFINE_integer("batch_size", 64, "eval, distill: sequences per generation batch")
+flags.DEFINE_integer("reward_workers", 2, "eval, distill: reward processes (0 = in process)")
+flags.DEFINE_string("teachers", None, "distill: comma-separated teacher checkpoints")
+flags.DEFINE_string("out", None, "distill: the SFT JSONL to write")
 
 EXIT_USAGE = 2
 

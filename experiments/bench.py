@@ -9,6 +9,9 @@ plus prefill tokens/s; and, when torch and transformers are importable, transfor
 `generate` on the same weights and settings (its fastest MoE path, `grouped_mm`), with ratios.
 The memory-bandwidth bound (bytes of weights touched per decode step / HBM bandwidth) is printed
 where the device's bandwidth is known.
+
+rewards: completions scored per second by each verifiable reward, in process and pooled.
+all: every benchmark in one call.
 """
 
 from __future__ import annotations
@@ -207,4 +210,50 @@ def kernels_bench(preset: str = "") -> None:
                "speedup": round(ref / fast, 2)})
 
 
-BENCHMARKS = {"decode": decode, "kernels": kernels_bench}
+def _reward_batch(name: str, count: int):
+    """`count` (completion, reference) pairs for a reward, half right and half wrong."""
+    calc = "<tool_call>calculator\n<arg_key>expression</arg_key>\n<arg_value>{} * 7</arg_value>\n</tool_call>"
+    pairs = []
+    for i in range(count):
+        wrong = i % 2
+        if name == "math":
+            pairs.append((f"<think>so {i} + {i}</think>\\boxed{{{2 * i + wrong}}}", str(2 * i)))
+        elif name == "exact_match":
+            pairs.append((f"{i}, {i + 1 + wrong}", f"{i}, {i + 1}"))
+        elif name == "function_call":
+            pairs.append((calc.format(i + wrong), [{"name": "calculator",
+                                                    "arguments": {"expression": f"{i} * 7"}}]))
+        else:
+            pairs.append((f"```python\ndef f(x):\n    return x * {2 + wrong}\n```",
+                          [f"assert f({i + 1}) == {2 * i + 2}", "assert f(1) == 2"]))
+    return pairs
+
+
+def rewards_bench(preset: str = "", count: int = 256) -> None:
+    """Completions scored per second by each reward: in this process (workers=0) and through
+    RewardPool's worker processes (2 workers), its start-up excluded (a warm-up batch first)."""
+    from glm_jax.rl.rewards import RewardPool
+
+    for name in ("math", "exact_match", "function_call", "code"):
+        n = count if name != "code" else count // 8  # a subprocess per completion
+        completions, references = zip(*_reward_batch(name, n))
+        row = {"bench": "rewards", "reward": name, "completions": n}
+        for workers in (0, 2):
+            with RewardPool(workers=workers) as pool:
+                pool.score(name, completions[:4], references[:4])  # start-up, first-call costs
+                start = time.perf_counter()
+                scores = pool.score(name, completions, references)
+                row[f"workers{workers}_per_s"] = round(n / (time.perf_counter() - start), 1)
+                assert scores == [float(i % 2 == 0) for i in range(n)], (name, scores[:8])
+        _emit(row)
+
+
+def all_benchmarks(preset: str = "glm45_mini") -> None:
+    """Every benchmark in one call (what a lent GPU runs)."""
+    rewards_bench()
+    decode(preset)
+    kernels_bench(preset)
+
+
+BENCHMARKS = {"decode": decode, "kernels": kernels_bench, "rewards": rewards_bench,
+              "all": all_benchmarks}

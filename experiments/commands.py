@@ -28,16 +28,10 @@ def _demo_config():
     return demo_tiny.get_config()
 
 
-def _tiny_config():
-    from configs import pretrain_tiny
-
-    return pretrain_tiny.get_config()
-
-
 def demo(flags) -> None:
     """Pre-train the tiny model on the local Python stdlib (CPU, minutes; resumes), then sample."""
     from glm_jax.infer import generate as run_generation
-    from glm_jax.train.loop import load_trained, pretrain
+    from glm_jax.train.loop import load_workdir, pretrain
 
     config = flags.config or _demo_config()
     config.workdir = flags.workdir or config.workdir
@@ -46,7 +40,7 @@ def demo(flags) -> None:
     if logged:
         print(f"trained steps {logged[0]['step']}-{logged[-1]['step']}: loss "
               f"{logged[0]['loss']:.3f} -> {logged[-1]['loss']:.3f}")
-    model, tokenizer = load_trained(config)
+    model, tokenizer = load_workdir(config.workdir)
     out = run_generation(model, [tokenizer.encode(flags.prompt).ids], max_new_tokens=flags.steps,
                          sampling=sampling, seeds=[flags.seed])
     print(f"prompt: {flags.prompt!r}\nsample (temperature {flags.temperature}):\n"
@@ -55,7 +49,7 @@ def demo(flags) -> None:
 
 def convert(flags) -> None:
     """Load a Hugging Face checkpoint (a strict check of every tensor) and summarise it."""
-    model = load_hf(_checkpoint_dir(flags))
+    model = load_hf(_checkpoint_dir(flags.checkpoint))
     counts = model.config.param_counts()
     print(model.config)
     print(f"loaded {counts['total']:,} parameters ({counts['active']:,} active per token)")
@@ -74,37 +68,160 @@ def pretrain(flags) -> None:
               f"max_vio {first.get('max_vio', float('nan')):.3f} -> {last.get('max_vio', float('nan')):.3f}")
 
 
-def _checkpoint_dir(flags) -> Path:
-    if not flags.checkpoint:
-        raise InputError("needs --checkpoint=DIR (a Hugging Face directory or a training workdir)")
-    path = Path(flags.checkpoint)
+def sft(flags) -> None:
+    """Chat SFT with hybrid thinking per --config (configs/sft_*.py); resumes; logs eval_* rows."""
+    from glm_jax.train.sft import sft as run
+
+    if flags.config is None:
+        raise InputError("sft needs --config=configs/<name>.py")
+    logged = run(flags.config)
+    losses = [r for r in logged if "loss" in r]
+    evals = [r for r in logged if "eval_accuracy" in r]
+    if losses:
+        print(f"steps {losses[0]['step']}-{losses[-1]['step']}: loss {losses[0]['loss']:.4f} -> "
+              f"{losses[-1]['loss']:.4f}")
+    for row in evals:
+        print(f"step {row['step']}: held-out accuracy {row['eval_accuracy']:.3f} (thinking), "
+              f"{row.get('eval_nothink_accuracy', float('nan')):.3f} (non-thinking)")
+
+
+def _problems(flags):
+    """The --task's prompts: the built-in task family's --split, or a JSONL of prompts."""
+    from glm_jax.data import tasks
+
+    if flags.problems < 1:
+        raise InputError(f"--problems must be >= 1, got {flags.problems}")
+    if flags.task == "builtin":
+        if flags.split not in ("train", "heldout"):
+            raise InputError(f"--split must be 'train' or 'heldout', got {flags.split!r}")
+        return tasks.problems(flags.split, flags.problems, seed=flags.seed)
+    if not Path(flags.task).is_file():
+        raise InputError(f"--task {flags.task!r}: neither 'builtin' nor a file")
+    return tasks.load_problems(flags.task)[:flags.problems]
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise InputError(f"--{name} must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def evaluate(flags) -> None:
+    """Score --checkpoint on --task: pass@k, accuracy, function calls, bits per byte; both modes."""
+    from glm_jax.rl.evaluate import evaluate_model
+    from glm_jax.rl.rewards import RewardPool
+
+    ks = _ints(flags.k, "k")
+    modes = tuple(m.strip() for m in flags.modes.split(",") if m.strip())
+    if not modes or set(modes) - {"think", "nothink"}:
+        raise InputError(f"--modes must be among think,nothink, got {flags.modes!r}")
+    if flags.samples < max(ks):
+        raise InputError(f"--samples {flags.samples} is fewer than the largest k {max(ks)}")
+    if flags.samples > 1 and flags.temperature == 0:
+        raise InputError("--samples > 1 with --temperature=0 draws the same answer n times")
+    problems = _problems(flags)
+    texts = _read_texts(flags.text) if flags.text else ()
+    model, tokenizer = load_for_inference(flags.checkpoint)
+    with RewardPool(workers=flags.reward_workers) as pool:
+        rows = evaluate_model(model, tokenizer, problems, pool, modes=modes, texts=texts,
+                              n=flags.samples, ks=ks, temperature=flags.temperature,
+                              max_new_tokens=flags.steps, batch_size=flags.batch_size,
+                              seed=flags.seed)
+        stats = pool.stats
+    for row in rows:
+        print(json.dumps({"checkpoint": flags.checkpoint, "task": flags.task, **row}))
+    print(_table(rows))
+    print(f"rewards: {stats.scored} scored at {stats.scored / max(stats.seconds, 1e-9):.0f}/s, "
+          f"{stats.errors} raised, {stats.timeouts} timed out")
+
+
+def _read_texts(path: str) -> list[str]:
+    """Held-out text for bits per byte: a .jsonl file's "text" fields, else the whole file."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"--text {path}: no such file")
+    if file.suffix != ".jsonl":
+        return [file.read_text(encoding="utf-8")]
+    texts = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise InputError(f"{path}:{number}: needs a JSON object with 'text' ({e})") from None
+    return texts
+
+
+def _table(rows: list[dict]) -> str:
+    columns = ["mode"] + sorted({k for r in rows for k in r} - {"mode"})
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row["mode"]] + [f"{row[c]:.4g}" if c in row else "" for c in columns[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def distill(flags) -> None:
+    """Rejection-sample --teachers on --task, keep the verified longer half: an SFT JSONL at --out."""
+    from glm_jax.rl.distill import sample_candidates, select_for_distillation, to_record, write_jsonl
+    from glm_jax.rl.rewards import RewardPool
+
+    teachers = [t for t in (flags.teachers or "").split(",") if t]
+    if not teachers:
+        raise InputError("distill needs --teachers=DIR[,DIR...] (training workdirs or HF dirs)")
+    if not flags.out:
+        raise InputError("distill needs --out=FILE.jsonl")
+    if flags.temperature <= 0 and flags.samples > 1:
+        raise InputError("--samples > 1 needs --temperature > 0 (greedy repeats one answer)")
+    problems = _problems(flags)
+    candidates = []
+    with RewardPool(workers=flags.reward_workers) as pool:
+        for teacher in teachers:
+            model, tokenizer = load_for_inference(teacher, "--teachers")
+            candidates += sample_candidates(teacher, model, tokenizer, problems, pool,
+                                            n=flags.samples, temperature=flags.temperature,
+                                            max_new_tokens=flags.steps,
+                                            batch_size=flags.batch_size, seed=flags.seed)
+    kept = select_for_distillation(candidates)
+    write_jsonl([to_record(c) for c in kept], flags.out)
+    verified = sum(c.reward >= 1 for c in candidates)
+    print(f"{len(candidates)} responses to {len(problems)} prompts, {verified} verified, "
+          f"{len(kept)} kept (the longer half per prompt) -> {flags.out}")
+
+
+def _checkpoint_dir(checkpoint: str | None, flag: str = "--checkpoint") -> Path:
+    if not checkpoint:
+        raise InputError(f"needs {flag}=DIR (a Hugging Face directory or a training workdir)")
+    path = Path(checkpoint)
     if not path.is_dir():
-        raise InputError(f"--checkpoint {path}: no such directory")
+        raise InputError(f"{flag} {path}: no such directory")
     return path
 
 
-def load_for_inference(flags):
-    """-> (model, tokenizer) from --checkpoint: a Hugging Face directory (config.json,
-    safetensors, tokenizer.json) or a training workdir (its newest checkpoint and tokenizer;
-    the run's --config, default configs/pretrain_tiny.py). Nothing is created or trained."""
+def load_for_inference(checkpoint: str | None, flag: str = "--checkpoint"):
+    """-> (model, tokenizer) from a Hugging Face directory (config.json, safetensors,
+    tokenizer.json) or a training workdir (its model config, tokenizer and newest checkpoint).
+    Nothing is created or trained."""
     from glm_jax.data import load_tokenizer
-    from glm_jax.train.loop import load_trained
+    from glm_jax.train.loop import load_workdir
 
-    path = _checkpoint_dir(flags)
+    path = _checkpoint_dir(checkpoint, flag)
     if (path / "config.json").exists():
         if not (path / "tokenizer.json").is_file():
-            raise InputError(f"--checkpoint {path}: no tokenizer.json beside config.json")
+            raise InputError(f"{flag} {path}: no tokenizer.json beside config.json")
         tokenizer = load_tokenizer(path / "tokenizer.json")
         model = load_hf(path)
     elif (path / "checkpoints").is_dir():
-        config = flags.config or _tiny_config()
-        config.workdir = str(path)
-        model, tokenizer = load_trained(config)
+        model, tokenizer = load_workdir(path)
     else:
-        raise InputError(f"--checkpoint {path}: neither a Hugging Face checkpoint (config.json) "
+        raise InputError(f"{flag} {path}: neither a Hugging Face checkpoint (config.json) "
                          "nor a training workdir (checkpoints/)")
     if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise InputError(f"--checkpoint {path}: the tokenizer has {tokenizer.get_vocab_size()} "
+        raise InputError(f"{flag} {path}: the tokenizer has {tokenizer.get_vocab_size()} "
                          f"tokens, more than the model's vocab_size {model.config.vocab_size}")
     return model, tokenizer
 
@@ -127,7 +244,7 @@ def generate(flags) -> None:
     from glm_jax.infer import stream
 
     sampling = _sampling(flags)
-    model, tokenizer = load_for_inference(flags)
+    model, tokenizer = load_for_inference(flags.checkpoint)
     tokens = stream(model, tokenizer.encode(flags.prompt).ids, max_new_tokens=flags.steps,
                     sampling=sampling, stop_tokens=_stop_ids(tokenizer), seed=flags.seed)
     print(flags.prompt, end="", flush=True)
@@ -155,7 +272,7 @@ def chat(flags) -> None:
 
     sampling = _sampling(flags)
     tools = _read_tools(flags.tools) if flags.tools else None
-    model, tokenizer = load_for_inference(flags)
+    model, tokenizer = load_for_inference(flags.checkpoint)
     session = ChatSession(model, sampling=sampling, stop_tokens=_stop_ids(tokenizer),
                           seed=flags.seed)
     messages = []
@@ -223,8 +340,13 @@ _SAMPLING = ("temperature", "top_k", "top_p", "seed")
 COMMANDS = {
     "demo": Command(demo, ("config", "workdir", "prompt", "steps") + _SAMPLING, _demo_config),
     "pretrain": Command(pretrain, ("config",)),
-    "generate": Command(generate, ("checkpoint", "config", "prompt", "steps") + _SAMPLING),
-    "chat": Command(chat, ("checkpoint", "config", "steps", "thinking", "tools") + _SAMPLING),
+    "sft": Command(sft, ("config",)),
+    "eval": Command(evaluate, ("checkpoint", "task", "split", "problems", "samples", "k", "modes",
+                               "text", "steps", "batch_size", "reward_workers") + _SAMPLING),
+    "distill": Command(distill, ("teachers", "task", "split", "problems", "samples", "out",
+                                 "steps", "batch_size", "reward_workers") + _SAMPLING),
+    "generate": Command(generate, ("checkpoint", "prompt", "steps") + _SAMPLING),
+    "chat": Command(chat, ("checkpoint", "steps", "thinking", "tools") + _SAMPLING),
     "convert": Command(convert, ("checkpoint",)),
     "plan": Command(plan, ("config", "devices", "mesh", "rows_per_device")),
     "bench": Command(bench, ("what", "preset")),

@@ -68,6 +68,18 @@ def _fails(args, message, stdin=""):
      "config.tokenizer_path: is empty: set it to the model's tokenizer.json, or set "
      "train_tokenizer=True"),
     (["bench", "--what=nope"], "--what must be one of"),
+    (["sft", "--config=configs/sft_tiny.py", "--config.sft.nothink_fraction=2.0"],
+     "config.sft.nothink_fraction: must be in [0, 1]"),
+    (["sft", "--config=configs/sft_tiny.py", "--config.sft.data=nosuch.jsonl"],
+     "config.sft.data: 'nosuch.jsonl' is neither 'builtin' nor a file"),
+    (["sft", "--config=configs/sft_tiny.py", "--config.sft.kinds=add,chess"],
+     "config.sft.kinds: kinds must be among"),
+    (["eval", "--checkpoint=.", "--k=0"], "--k must be comma-separated integers >= 1"),
+    (["eval", "--checkpoint=.", "--k=1,8", "--samples=4"], "fewer than the largest k 8"),
+    (["eval", "--checkpoint=.", "--modes=think,fast"], "--modes must be among think,nothink"),
+    (["eval", "--checkpoint=.", "--task=nosuch.jsonl"], "--task 'nosuch.jsonl': neither"),
+    (["distill", "--out=x.jsonl"], "distill needs --teachers=DIR"),
+    (["distill", "--teachers=.", "--samples=4", "--temperature=0"], "needs --out"),
     (["generate", "--checkpoint="], "needs --checkpoint=DIR"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(args, message):
@@ -107,6 +119,9 @@ def test_command_list_and_help():
         assert re.search(rf"^  {name}\s+\S", listing, re.M), name
     help_text = _run(["pretrain", "--config=configs/pretrain_tiny.py", "--help"])
     assert "--config=" in help_text and "  steps = 60" in help_text and "  seq_len = 128" in help_text
+    sft_help = _run(["sft", "--config=configs/sft_tiny.py", "--help"])
+    assert "  sft.nothink_fraction = 0.25" in sft_help and "  eval.every = 100" in sft_help
+    assert "--samples=1" in _run(["eval", "--help"]) and "--teachers=" in _run(["distill", "--help"])
 
 
 def test_streamed_text_keeps_multibyte_characters(checkpoint):

@@ -18,7 +18,7 @@ from configs import pretrain_tiny
 from glm_jax import ConfigError
 from glm_jax.data import load_tokenizer
 from glm_jax.train.checkpoint import Checkpointer
-from glm_jax.train.loop import load_trained, pretrain
+from glm_jax.train.loop import load_workdir, pretrain
 
 
 def _config(workdir, steps):
@@ -70,7 +70,7 @@ def test_stopped_run_resumes_exactly(full_run, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # bit for bit on CPU
 
 
-def test_load_trained_restores_the_checkpoint_weights_only(full_run, monkeypatch):
+def test_load_workdir_restores_the_checkpoint_weights_only(full_run, monkeypatch):
     import glm_jax.train.loop as loop
 
     config = _config(full_run, 8)
@@ -82,7 +82,7 @@ def test_load_trained_restores_the_checkpoint_weights_only(full_run, monkeypatch
     expected = nnx.merge(graphdef, state.params, state.buffers)
 
     monkeypatch.setattr(loop, "build_optimizer", lambda *a: pytest.fail("built an optimizer"))
-    model, _ = load_trained(config)
+    model, _ = load_workdir(full_run)
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)),
                                  nnx.to_flat_state(nnx.state(expected))):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))

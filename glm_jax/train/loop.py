@@ -1,10 +1,13 @@
-"""`pretrain(config)`: the pre-training loop. Builds tokenizer, model, optimizer and data from an
-ml_collections config, resumes from the latest checkpoint in the workdir if there is one, runs
-the jitted step, logs and checkpoints. A stopped run restarted with the same command continues
-exactly where it stopped."""
+"""`pretrain(config)`: the pre-training loop, and the loop machinery SFT shares (`train`).
+Builds tokenizer, model, optimizer and data from an ml_collections config, resumes from the
+latest checkpoint in the workdir if there is one, runs the jitted step, logs, evaluates and
+checkpoints. A stopped run restarted with the same command continues exactly where it stopped.
+A workdir holds its model config, tokenizer and checkpoints: `load_workdir` needs nothing else."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -21,8 +24,8 @@ from glm_jax import data as data_lib
 from glm_jax import sharding
 from glm_jax.config import ModelConfig
 from glm_jax.model import GlmMoeModel
-from glm_jax.optim import batch_size_schedule, muon, warmup_cosine
 from glm_jax.errors import InputError
+from glm_jax.optim import batch_size_schedule, muon, warmup_cosine
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.config import validate_pretrain
 from glm_jax.train.metrics import MetricsLogger
@@ -116,24 +119,36 @@ def accumulation_schedule(config):
     return at
 
 
-def pretrain(config) -> list[dict]:
-    """Runs until `config.steps`; returns the metrics logged by this run."""
-    workdir = Path(config.workdir)
-    validate_pretrain(config, workdir_has_tokenizer=(workdir / "tokenizer.json").exists())
-    workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = data_lib.tokenizer_for(config, workdir)
-    model_cfg = model_config(config, tokenizer.get_vocab_size())
-    optimizer, schedule = build_optimizer(config)
-    mesh = training_mesh(config)
-    graphdef, state = init_state(config, model_cfg, optimizer, mesh)
-    train_step = make_train_step(graphdef, optimizer, step_config(config), schedule)
+MODEL_CONFIG_FILE = "model_config.json"
 
+
+def save_model_config(workdir: Path, model_cfg: ModelConfig) -> None:
+    """Writes the run's ModelConfig beside its checkpoints: a workdir describes its own model,
+    so loading it needs no training config."""
+    tmp = workdir / f".{MODEL_CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
+    tmp.replace(workdir / MODEL_CONFIG_FILE)
+
+
+def read_model_config(workdir: Path) -> ModelConfig:
+    path = Path(workdir) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise InputError(f"{workdir}: not a glm-jax training workdir (no {MODEL_CONFIG_FILE})")
+    try:
+        return ModelConfig(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise InputError(f"{path}: unreadable ({e})") from e
+
+
+def train(config, workdir: Path, graphdef, state: TrainState, train_step, pipeline, mesh,
+          model_cfg: ModelConfig, *, evaluate=None) -> list[dict]:
+    """The loop shared by pre-training and SFT: resumes state and data position from the newest
+    readable checkpoint, runs `train_step` on micro-batches from `pipeline` (this process's
+    rows), logs every `log_every` steps, calls `evaluate(model) -> {eval_*: float}` at the start
+    and every `config.eval.every` steps (and at the end), checkpoints every `checkpoint_every`.
+    Returns the metrics logged by this run (one dict per logged step)."""
     processes = jax.process_count()
     micro_rows = config.batch_size // config.micro_batches // processes
-    pipeline = data_lib.build_pipeline(  # yields this process's rows of one micro-batch
-        config.data, tokenizer=tokenizer, seq_len=config.seq_len, batch_size=micro_rows,
-        seed=config.seed, shard_index=jax.process_index(), shard_count=processes,
-        cache_dir=workdir / "data")
     accumulation = accumulation_schedule(config)
     batches = iter(pipeline)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
@@ -147,7 +162,17 @@ def pretrain(config) -> list[dict]:
                            enabled=jax.process_index() == 0)
     flops = flops_per_token(model_cfg, config.seq_len)
     peak = config.peak_flops_per_device * jax.device_count()
+    eval_every = config.eval.every if evaluate is not None else 0
     logged = []
+
+    def run_eval(step):
+        with jax.set_mesh(mesh):
+            results = evaluate(nnx.merge(graphdef, state.params, state.buffers))
+        logger.log(step, results)
+        logged.append({"step": step, **results})
+
+    if evaluate is not None and start == 0:
+        run_eval(0)
     tick, tokens = time.perf_counter(), 0.0
     for step in range(start, config.steps):
         micro = [next(batches) for _ in range(accumulation(step))]
@@ -167,6 +192,9 @@ def pretrain(config) -> list[dict]:
             logged.append({"step": done, **{k: float(np.asarray(v)) for k, v in metrics.items()
                                             if np.ndim(v) == 0}})
             tick, tokens = time.perf_counter(), 0.0
+        if eval_every and (done % eval_every == 0 or done == config.steps):
+            run_eval(done)
+            tick = time.perf_counter()  # evaluation time is not training time
         if done % config.checkpoint_every == 0 or done == config.steps:
             checkpointer.save(done, state, batches.get_state())
     checkpointer.wait()
@@ -175,21 +203,43 @@ def pretrain(config) -> list[dict]:
     return logged
 
 
-def load_trained(config):
-    """-> (model, tokenizer) from the newest readable checkpoint in `config.workdir`: weights and
-    balance biases only, restored straight into their shardings (no optimizer state is built)."""
+def pretrain(config) -> list[dict]:
+    """Runs until `config.steps`; returns the metrics logged by this run."""
     workdir = Path(config.workdir)
-    tokenizer_path = config.tokenizer_path or workdir / "tokenizer.json"
-    if not Path(tokenizer_path).is_file():
-        raise InputError(f"{workdir}: not a training workdir (no tokenizer {tokenizer_path})")
+    validate_pretrain(config, workdir_has_tokenizer=(workdir / "tokenizer.json").exists())
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = data_lib.tokenizer_for(config, workdir)
+    model_cfg = model_config(config, tokenizer.get_vocab_size())
+    save_model_config(workdir, model_cfg)
+    optimizer, schedule = build_optimizer(config)
+    mesh = training_mesh(config)
+    graphdef, state = init_state(config, model_cfg, optimizer, mesh)
+    train_step = make_train_step(graphdef, optimizer, step_config(config), schedule)
+    processes = jax.process_count()
+    pipeline = data_lib.build_pipeline(  # yields this process's rows of one micro-batch
+        config.data, tokenizer=tokenizer, seq_len=config.seq_len,
+        batch_size=config.batch_size // config.micro_batches // processes,
+        seed=config.seed, shard_index=jax.process_index(), shard_count=processes,
+        cache_dir=workdir / "data")
+    return train(config, workdir, graphdef, state, train_step, pipeline, mesh, model_cfg)
+
+
+def load_workdir(workdir, *, mesh=None):
+    """-> (model, tokenizer) from a training workdir (pre-training or SFT): its model config,
+    tokenizer and the newest readable checkpoint's weights and balance biases, restored
+    straight into their shardings (no optimizer state is built). `mesh`: default one device."""
+    workdir = Path(workdir)
+    model_cfg = read_model_config(workdir)
+    tokenizer_path = workdir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise InputError(f"{workdir}: not a training workdir (no {tokenizer_path.name})")
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
     if checkpointer.latest_step() is None:
         raise InputError(f"{workdir / 'checkpoints'}: no checkpoint to load")
     tokenizer = data_lib.load_tokenizer(tokenizer_path)
-    model_cfg = model_config(config, tokenizer.get_vocab_size())
     abstract = nnx.eval_shape(lambda: GlmMoeModel(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, params, buffers = nnx.split(abstract, nnx.Param, ...)
-    mesh = training_mesh(config)
+    mesh = mesh or sharding.make_mesh({}, devices=jax.devices()[:1])
 
     def placed(tree):
         return jax.tree.map(

@@ -11,8 +11,7 @@ import tqdm
 from absl import logging
 from tensorboardX import SummaryWriter
 
-SCALARS = ("loss", "ce_loss", "mtp_loss", "aux_loss", "grad_norm", "learning_rate", "max_vio",
-           "skipped", "tokens", "tokens_per_second", "mfu")
+POSTFIX = ("loss", "max_vio", "eval_accuracy", "reward_mean", "eval_reward")  # on the bar
 
 
 class MetricsLogger:
@@ -37,9 +36,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step}
-        for name in SCALARS:
-            if name in metrics:
-                record[name] = float(np.asarray(metrics[name]))
+        for name, value in metrics.items():  # every scalar: losses, rates, eval_* results
+            if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number):
+                record[name] = float(np.asarray(value))
         if "max_vio_per_layer" in metrics:
             record["max_vio_per_layer"] = np.asarray(metrics["max_vio_per_layer"]).round(4).tolist()
         if "expert_load" in metrics:
@@ -50,10 +49,11 @@ class MetricsLogger:
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for name, value in record.items():
-            if name in SCALARS:
+            if name != "step" and not isinstance(value, list):
                 self.tensorboard.add_scalar(name, value, step)
-        self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
-                             max_vio=f"{record.get('max_vio', float('nan')):.3f}")
+        shown = {k: f"{record[k]:.4g}" for k in POSTFIX if k in record}
+        if shown:
+            self.bar.set_postfix(shown)
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
