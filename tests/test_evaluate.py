@@ -56,7 +56,8 @@ def test_pass_at_k_large_n_and_bad_arguments():
 def _samples(kinds, n, texts, lengths):
     heldout = tasks.problems("heldout", 6)
     problems = tuple(next(p for p in heldout if p.kind == kind) for kind in kinds)
-    return Samples(problems, n, tuple(texts), tuple((1,) * L for L in lengths),
+    return Samples(problems, n, ((1, 2),) * len(texts), tuple(texts),
+                   tuple((1,) * L for L in lengths),
                    tuple((0.0,) * L for L in lengths), tuple(L >= 8 for L in lengths))
 
 

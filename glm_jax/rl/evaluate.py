@@ -51,6 +51,7 @@ class Samples:
     """n completions per problem, in problem-major order (row p * n + j)."""
     problems: tuple[Problem, ...]
     n: int
+    prompts: tuple[tuple[int, ...], ...]  # each row's prompt token ids
     texts: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
     logprobs: tuple[tuple[float, ...], ...]
@@ -80,7 +81,8 @@ def sample_completions(model, tokenizer, problems: Sequence[Problem], *, n: int 
             logps.append(tuple(out.logprobs[row, :length].tolist()))
             truncated.append(length == max_new_tokens and tokens[-1] not in stops)
             texts.append(tokenizer.decode(tokens, skip_special_tokens=False))
-    return Samples(tuple(problems), n, tuple(texts), tuple(ids), tuple(logps), tuple(truncated))
+    return Samples(tuple(problems), n, tuple(map(tuple, prompts)), tuple(texts), tuple(ids),
+                   tuple(logps), tuple(truncated))
 
 
 def score_samples(samples: Samples, pool: RewardPool) -> np.ndarray:
