@@ -12,7 +12,7 @@ from flax import nnx
 from glm_jax.config import ModelConfig
 from glm_jax.infer.engine import SamplingConfig, generate
 from glm_jax.model import GlmMoeModel
-from glm_jax.rl.grpo import GrpoConfig, make_grpo_step, rollout_batch
+from glm_jax.rl.grpo import GrpoConfig, make_grpo_step, make_policy_logp, rollout_batch
 from glm_jax.rl.objectives import AGGREGATIONS
 from glm_jax.train.step import TrainState
 
@@ -106,6 +106,22 @@ def test_steps_compile_once_and_the_policy_moves(rollout):
     assert int(state.step) == 3
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), state.params, before)
     assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_an_update_raises_the_log_prob_of_rewarded_completions(rollout):
+    """The sign convention end to end: positive advantage -> more likely, negative -> less."""
+    model = rollout[0]
+    optimizer = optax.sgd(0.05)
+    graphdef, state = _state(model, optimizer)
+    batch = _batch(rollout, advantages=(1.0, -1.0, 0.0, 0.0))
+    policy_logp = make_policy_logp(graphdef)
+    before = np.asarray(policy_logp(state, batch))[0]
+    state, _ = make_grpo_step(graphdef, optimizer, GrpoConfig())(state, batch, jax.random.key(0))
+    after = np.asarray(policy_logp(state, batch))[0]
+    mask = batch["mask"][0]
+    change = ((after - before) * mask).sum(axis=1)
+    np.testing.assert_allclose(before * mask, batch["old_logp"][0] * mask, atol=1e-4)
+    assert change[0] > 0 > change[1], change
 
 
 def test_rollout_batch_refuses_mismatched_rows():

@@ -12,6 +12,7 @@ sampled), `old_logp` (the rollout's log-prob of each target), `advantages` `[A, 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Callable
 
@@ -26,6 +27,8 @@ from glm_jax.rl.objectives import AGGREGATIONS, aggregate_loss, k3_kl, token_pol
 from glm_jax.train.balance import update_router_biases
 from glm_jax.train.step import TrainState, _zero_loads
 
+# Times grpo_step / policy_logp have been traced (compiled) in this process; tests read it.
+TRACES: collections.Counter[str] = collections.Counter()
 
 @dataclasses.dataclass(frozen=True)
 class GrpoConfig:
@@ -104,6 +107,7 @@ def grpo_step(graphdef, state: TrainState, batch, rng, *, optimizer, config: Grp
     so a stochastic variant keeps this signature. `ref_params`: the frozen reference for the
     KL term (needed when config.kl_beta > 0)."""
     del rng
+    TRACES["grpo_step"] += 1
     if config.kl_beta and ref_params is None:
         raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
     temperature = batch["temperature"]
@@ -176,11 +180,26 @@ def grpo_step(graphdef, state: TrainState, batch, rng, *, optimizer, config: Grp
     return new_state, metrics
 
 
-def make_grpo_step(graphdef, optimizer: optax.GradientTransformation,
-                   config: GrpoConfig) -> Callable:
-    """-> jitted `step(state, batch, rng[, ref_params]) -> (state, metrics)`, state donated."""
+def make_policy_logp(graphdef) -> Callable:
+    """-> jitted `policy_logp(state, batch) -> [A, B, S]`: the trainer's log-probs of a batch's
+    targets at its temperature (old_logp recomputed by the trainer instead of the sampler)."""
+    def policy_logp(state, batch):
+        TRACES["policy_logp"] += 1
+        model = nnx.merge(graphdef, state.params, state.buffers)
+        micro = {k: v for k, v in batch.items() if k != "temperature"}
+        return jax.lax.map(lambda m: token_logp(model, m, batch["temperature"])[0], micro)
+
+    return jax.jit(policy_logp)
+
+
+def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, config: GrpoConfig,
+                   state_shardings=None) -> Callable:
+    """-> jitted `step(state, batch, rng[, ref_params]) -> (state, metrics)`, state donated.
+    `state_shardings` (the state's own) pins the output state to them, so the second call
+    finds the first one's program instead of compiling for new shardings."""
     def step(state, batch, rng, ref_params=None):
         return grpo_step(graphdef, state, batch, rng, optimizer=optimizer, config=config,
                          ref_params=ref_params)
 
-    return jax.jit(step, donate_argnums=0)
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
