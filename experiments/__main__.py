@@ -73,6 +73,8 @@ def _parse(argv: list[str]) -> list[str]:
         if flags.FLAGS.config is not None:  # a config file loads lazily: fail here, not mid-run
             flags.FLAGS.config.keys()
     except flags.Error as e:
+        if "Traceback" in str(e):  # the config file's get_config raised: its message only
+            _fail(f"--config: {_last_line(e).split(': ', 1)[-1]}")
         _fail(str(e))
     except AttributeError as e:  # ml_collections: an override naming no config field
         field = str(e).strip("\"' ")

@@ -85,6 +85,25 @@ def sft(flags) -> None:
               f"{row.get('eval_nothink_accuracy', float('nan')):.3f} (non-thinking)")
 
 
+def grpo(flags) -> None:
+    """GRPO / DAPO / Dr. GRPO per --config (configs/grpo_*.py[:preset]); resumes; eval_reward rows."""
+    from glm_jax.rl.loop import grpo as run
+
+    if flags.config is None:
+        raise InputError("grpo needs --config=configs/<name>.py")
+    logged = run(flags.config)
+    evals = [r for r in logged if "eval_reward" in r]
+    steps = [r for r in logged if "reward_mean" in r]
+    if steps:
+        rollout = sum(r["rollout_seconds"] for r in steps)
+        training = sum(r["train_seconds"] for r in steps)
+        print(f"steps {steps[0]['step']}-{steps[-1]['step']}: rollout reward "
+              f"{steps[0]['reward_mean']:.3f} -> {steps[-1]['reward_mean']:.3f}; "
+              f"{rollout:.0f} s rollout, {training:.0f} s training")
+    for row in evals:
+        print(f"step {row['step']}: held-out reward {row['eval_reward']:.3f}")
+
+
 def _problems(flags):
     """The --task's prompts: the built-in task family's --split, or a JSONL of prompts."""
     from glm_jax.data import tasks
@@ -341,6 +360,7 @@ COMMANDS = {
     "demo": Command(demo, ("config", "workdir", "prompt", "steps") + _SAMPLING, _demo_config),
     "pretrain": Command(pretrain, ("config",)),
     "sft": Command(sft, ("config",)),
+    "grpo": Command(grpo, ("config",)),
     "eval": Command(evaluate, ("checkpoint", "task", "split", "problems", "samples", "k", "modes",
                                "text", "steps", "batch_size", "reward_workers") + _SAMPLING),
     "distill": Command(distill, ("teachers", "task", "split", "problems", "samples", "out",

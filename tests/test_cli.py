@@ -74,6 +74,13 @@ def _fails(args, message, stdin=""):
      "config.sft.data: 'nosuch.jsonl' is neither 'builtin' nor a file"),
     (["sft", "--config=configs/sft_tiny.py", "--config.sft.kinds=add,chess"],
      "config.sft.kinds: kinds must be among"),
+    (["grpo", "--config=configs/grpo_tiny.py", "--config.rl.kinds=add,chess"],
+     "config.rl.kinds: kinds must be among"),
+    (["grpo", "--config=configs/grpo_tiny.py:dapo", "--config.rl.overlong_cache=100"],
+     "config.rl.overlong_cache: 100 exceeds rl.max_new_tokens 64"),
+    (["grpo", "--config=configs/grpo_tiny.py:ppo"], "algorithm 'ppo': the presets are"),
+    (["grpo", "--config=configs/grpo_glm45_mini.py"],
+     "config.init: 'workdir/sft_glm45_mini' is neither a training workdir nor a Hugging Face"),
     (["eval", "--checkpoint=.", "--k=0"], "--k must be comma-separated integers >= 1"),
     (["eval", "--checkpoint=.", "--k=1,8", "--samples=4"], "fewer than the largest k 8"),
     (["eval", "--checkpoint=.", "--modes=think,fast"], "--modes must be among think,nothink"),
@@ -121,6 +128,8 @@ def test_command_list_and_help():
     assert "--config=" in help_text and "  steps = 60" in help_text and "  seq_len = 128" in help_text
     sft_help = _run(["sft", "--config=configs/sft_tiny.py", "--help"])
     assert "  sft.nothink_fraction = 0.25" in sft_help and "  eval.every = 100" in sft_help
+    dapo_help = _run(["grpo", "--config=configs/grpo_tiny.py:dapo", "--help"])
+    assert "  rl.eps_high = 0.28" in dapo_help and "  rl.dynamic_sampling = True" in dapo_help
     assert "--samples=1" in _run(["eval", "--help"]) and "--teachers=" in _run(["distill", "--help"])
 
 

@@ -114,3 +114,23 @@ def write_load_heatmap(load: np.ndarray, path: Path, step: int) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+
+
+def write_reward_curve(rows: list[dict], path: Path) -> None:
+    """Held-out `eval_reward` and the rollouts' `reward_mean` against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, style in (("reward_mean", dict(alpha=0.5, lw=1)), ("eval_reward", dict(marker="o"))):
+        points = [(r["step"], r[name]) for r in rows if name in r]
+        if points:
+            ax.plot(*zip(*points), label=name, **style)
+    ax.set(xlabel="step", ylabel="reward", title="GRPO reward")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

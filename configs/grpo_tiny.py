@@ -1,0 +1,35 @@
+"""GRPO of the SFT'd `tiny` model on the built-in verifiable tasks: CPU, minutes.
+
+`--config=configs/grpo_tiny.py` is GLM-4.5's GRPO; `:dapo` and `:dr_grpo` pick the other
+presets. The starting policy is the `sft_tiny` workdir; when it holds no checkpoint yet, the
+SFT config runs into it first.
+
+Muon normalises every update, so in RL (a weak, noisy gradient) the learning rate sets the step
+size outright: at 2e-3 the policy collapsed within 20 steps (held-out 0.33 -> 0.0, every answer
+truncated); 3e-4 is stable (measured, experiments/benchmarks/RESULTS.md)."""
+
+from pathlib import Path
+
+from glm_jax.rl.loop import grpo_base_config
+
+
+def get_config(algorithm: str = "grpo"):
+    config = grpo_base_config(algorithm)
+    config.workdir = f"workdir/grpo_tiny_{algorithm}"
+    config.init = "workdir/sft_tiny"
+    config.init_sft_config = str(Path(__file__).with_name("sft_tiny.py"))
+    config.steps = 60
+    config.schedule_steps = 60
+    config.warmup_steps = 5
+    config.peak_learning_rate = 3e-4
+    config.floor_learning_rate = 3e-5
+    config.seq_len = 128
+    config.rl.kinds = "add,sort"  # the calculator calls are already right after SFT
+    config.checkpoint_every = 20
+    config.rl.group_size = 8
+    config.rl.groups_per_step = 8
+    config.rl.max_new_tokens = 64
+    config.rl.temperature = 1.0
+    config.eval.every = 10
+    config.eval.problems = 60
+    return config

@@ -1,0 +1,424 @@
+"""`grpo(config)`: the reasoning-RL loop of GLM-4.5 (SPEC.md §4, §4b) on the pure `grpo_step`.
+
+Each step: draw prompts, sample `group_size` completions of each with the current policy (the
+KV-cache engine reads the training state's arrays directly: one device holds one copy of the
+weights), score them, shape overlong answers, drop all-equal groups and refill (dynamic
+sampling), compute group advantages, and take `updates_per_batch` jitted updates. Held-out
+`eval_reward` (greedy, the evaluation harness) is logged at the start, every `eval.every` steps
+and at the end, with a reward-curve PNG beside metrics.jsonl and TensorBoard.
+
+A run is a function of its config: step `s` samples with seeds derived from (seed, s, round)
+and draws prompts from a seeded stream whose position is checkpointed with the policy and the
+optimizer state, so a stopped run restarted with the same command logs what the uninterrupted
+run would have. Single-process (one host, its local devices).
+
+Presets (`configs/grpo_*.py:NAME`): `grpo` (GLM-4.5: no KL, eps 0.2 / 0.2, token-mean when
+the task is code, else seq-mean-token-mean), `dapo` (clip-higher 0.2 / 0.28, token-mean,
+dynamic sampling, overlong shaping), `dr_grpo` (no std scaling, seq-mean-token-scale).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from glm_jax.data import tasks
+from glm_jax.convert import load_hf
+from glm_jax.data.tokenizer import check_chat_tokens, load_tokenizer
+from glm_jax.errors import ConfigError
+from glm_jax.infer.engine import SamplingConfig
+from glm_jax.rl.evaluate import evaluate_tasks, prompt_ids
+from glm_jax.rl.grpo import GrpoConfig, make_grpo_step, make_policy_logp, rollout_batch
+from glm_jax.rl.objectives import group_advantages
+from glm_jax.rl.rewards import RewardPool
+from glm_jax.rl.rollouts import Groups, Overlong, collect_groups, rollout_groups
+from glm_jax.train import config as config_lib
+from glm_jax.train.checkpoint import Checkpointer
+from glm_jax.train.loop import (MODEL_CONFIG_FILE, build_optimizer, load_workdir,
+                                save_model_config, training_mesh)
+from glm_jax.train.metrics import MetricsLogger, write_reward_curve
+from glm_jax.train.step import TrainState
+
+PRESETS = {
+    "grpo": dict(eps_low=0.2, eps_high=0.2, aggregation="auto", scale_by_std=True,
+                 dynamic_sampling=False, overlong_cache=0, kl_beta=0.0),
+    "dapo": dict(eps_low=0.2, eps_high=0.28, aggregation="token-mean", scale_by_std=True,
+                 dynamic_sampling=True, overlong_cache=16, kl_beta=0.0),
+    "dr_grpo": dict(eps_low=0.2, eps_high=0.2, aggregation="seq-mean-token-scale",
+                    scale_by_std=False, dynamic_sampling=False, overlong_cache=0, kl_beta=0.0),
+}
+
+
+def grpo_base_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
+    """The fields the GRPO loop reads, with `algorithm`'s preset applied."""
+    if algorithm not in PRESETS:
+        raise ConfigError(f"algorithm {algorithm!r}: the presets are {sorted(PRESETS)}")
+    base = config_lib.base_config()
+    config = ml_collections.ConfigDict()
+    for field in ("seed", "mesh", "num_devices", "steps", "schedule_steps", "warmup_steps",
+                  "peak_learning_rate", "floor_learning_rate", "weight_decay", "grad_clip",
+                  "head_with_adam", "micro_batches", "log_every", "checkpoint_every",
+                  "keep_checkpoints"):
+        config[field] = base[field]
+    config.workdir = "workdir/grpo"
+    config.algorithm = algorithm
+    config.init = ""  # the starting policy: an SFT (or any training) workdir, or a HF directory
+    config.init_sft_config = ""  # an SFT config (file.py[:arg]) run into `init` when it is empty
+    config.seq_len = 256  # training row width: prompt + completion - 1 tokens
+    config.log_every = 1
+    config.rl = ml_collections.ConfigDict(dict(
+        task="builtin",  # "builtin" (glm_jax.data.tasks) or a JSONL of prompts with references
+        kinds=",".join(tasks.KINDS),
+        train_problems=20_000,
+        group_size=8,  # G completions per prompt
+        groups_per_step=8,
+        max_rounds=4,  # dynamic sampling: rollout rounds per step at most
+        temperature=1.0,
+        max_new_tokens=64,
+        thinking=True,
+        rollout_batch_size=64,  # rows per generation call
+        updates_per_batch=1,
+        recompute_old_logp=False,  # old_logp from the trainer's forward instead of the sampler
+        clip_c=0.0,  # dual clip (> 1), 0 = off
+        bias_rate=0.0,  # MoE balance-bias updates during RL (0 = frozen)
+        reward_workers=2,
+        **PRESETS[algorithm]))
+    config.eval = ml_collections.ConfigDict(dict(
+        every=10, task="builtin", problems=60, max_new_tokens=64, batch_size=64))
+    return config
+
+
+def validate_grpo(config) -> None:
+    for field in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "micro_batches"):
+        config_lib.check_int(config, field, 1)
+    config_lib.check_int(config, "seq_len", 2)
+    config_lib.check_optimizer(config)
+    config_lib.check_mesh(config)
+    rl = config.rl
+    for field in ("group_size", "groups_per_step", "max_rounds", "max_new_tokens",
+                  "rollout_batch_size", "updates_per_batch", "train_problems"):
+        config_lib.check_int(config, f"rl.{field}", 1)
+    config_lib.check_int(config, "rl.overlong_cache", 0)
+    config_lib.check_int(config, "rl.reward_workers", 0)
+    config_lib.check_float(config, "rl.temperature", positive=True)
+    for field in ("eps_low", "eps_high", "kl_beta", "bias_rate", "clip_c"):
+        config_lib.check_float(config, f"rl.{field}")
+    if rl.clip_c and rl.clip_c <= 1:
+        raise ConfigError(f"config.rl.clip_c: must be > 1 (or 0 = off), got {rl.clip_c}")
+    if rl.overlong_cache > rl.max_new_tokens:
+        raise ConfigError(f"config.rl.overlong_cache: {rl.overlong_cache} exceeds "
+                          f"rl.max_new_tokens {rl.max_new_tokens}")
+    if rl.aggregation != "auto":
+        GrpoConfig(aggregation=rl.aggregation)  # raises naming the modes
+    rows = rl.group_size * rl.groups_per_step
+    if rows % config.micro_batches:
+        raise ConfigError(f"config.micro_batches: {config.micro_batches} does not divide the "
+                          f"{rows} rows of a step (rl.group_size x rl.groups_per_step)")
+    for field in ("every",):
+        config_lib.check_int(config, f"eval.{field}", 0)
+    for field in ("problems", "max_new_tokens", "batch_size"):
+        config_lib.check_int(config, f"eval.{field}", 1)
+    for field in ("rl.task", "eval.task"):
+        value = config[field.split(".")[0]].task
+        if value not in ("builtin", "") and not Path(value).is_file():
+            raise ConfigError(f"config.{field}: {value!r} is not 'builtin' or a file")
+    if not config.rl.task:
+        raise ConfigError("config.rl.task: empty (use 'builtin' or a JSONL of prompts)")
+    if not config.init:
+        raise ConfigError("config.init: empty; name the starting policy's workdir (an SFT run)")
+    sft_file = _split_config_arg(config.init_sft_config)[0]
+    if config.init_sft_config and not Path(sft_file).is_file():
+        raise ConfigError(f"config.init_sft_config: {config.init_sft_config!r} is not a file")
+    init = Path(config.init)
+    if not config.init_sft_config and not ((init / MODEL_CONFIG_FILE).is_file()
+                                           or (init / "config.json").is_file()):
+        raise ConfigError(f"config.init: {config.init!r} is neither a training workdir nor a "
+                          "Hugging Face directory (and no init_sft_config to create it)")
+    if jax.process_count() > 1:
+        raise ConfigError("the GRPO loop runs in one process (its local devices); got "
+                          f"{jax.process_count()} processes")
+
+
+def _kinds(config) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in config.rl.kinds.split(",") if k.strip())
+    if not kinds or set(kinds) - set(tasks.KINDS):
+        raise ConfigError(f"config.rl.kinds: kinds must be among {tasks.KINDS}, got "
+                          f"{config.rl.kinds!r}")
+    return kinds
+
+
+def train_problems(config) -> list[tasks.Problem]:
+    if config.rl.task == "builtin":
+        return tasks.problems("train", config.rl.train_problems, kinds=_kinds(config),
+                              seed=config.seed)
+    return tasks.load_problems(config.rl.task)
+
+
+def heldout_problems(config) -> list[tasks.Problem]:
+    if config.eval.task == "builtin":
+        kinds = _kinds(config) if config.rl.task == "builtin" else tasks.KINDS
+        return tasks.problems("heldout", config.eval.problems, kinds=kinds, seed=config.seed)
+    if config.eval.task:
+        return tasks.load_problems(config.eval.task)[:config.eval.problems]
+    return []
+
+
+def grpo_config(config, problems) -> GrpoConfig:
+    aggregation = config.rl.aggregation
+    if aggregation == "auto":  # the report: token-level loss for code, sequence-level otherwise
+        code = problems and all(p.reward == "code" for p in problems)
+        aggregation = "token-mean" if code else "seq-mean-token-mean"
+    return GrpoConfig(eps_low=config.rl.eps_low, eps_high=config.rl.eps_high,
+                      clip_c=config.rl.clip_c or None, aggregation=aggregation,
+                      kl_beta=config.rl.kl_beta, bias_rate=config.rl.bias_rate)
+
+
+class PromptStream:
+    """Prompts in a seeded order, reshuffled every epoch; `position` (prompts drawn so far) is
+    all a checkpoint needs to continue it exactly."""
+
+    def __init__(self, problems, seed: int, position: int = 0):
+        if not problems:
+            raise ConfigError("config.rl.task: no training prompts")
+        self.problems, self.seed, self.position = list(problems), seed, position
+        self._epoch, self._order = -1, None
+
+    def draw(self, n: int) -> list[tasks.Problem]:
+        out = []
+        for _ in range(n):
+            epoch, index = divmod(self.position, len(self.problems))
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(
+                    len(self.problems))
+            out.append(self.problems[self._order[index]])
+            self.position += 1
+        return out
+
+
+def _split_config_arg(spec: str) -> tuple[str, str | None]:
+    """`file.py[:arg]` -> (file, arg), as `--config=file.py:arg` reads it."""
+    path, sep, arg = spec.rpartition(":")
+    return (path, arg) if sep and path.endswith(".py") else (spec, None)
+
+
+def _run_sft_into(path: Path, config_spec: str) -> None:
+    """Runs the SFT config `config_spec` (`file.py[:arg]`) with its workdir set to `path`
+    (resumes if begun)."""
+    from glm_jax.train.sft import sft
+
+    config_file, arg = _split_config_arg(config_spec)
+    spec = importlib.util.spec_from_file_location("_init_sft_config", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sft_config = module.get_config() if arg is None else module.get_config(arg)
+    sft_config.workdir = str(path)
+    logging.warning("no policy at %s: running the SFT config %s first", path, config_spec)
+    sft(sft_config)
+
+
+def starting_policy(config, mesh):
+    """-> (model, tokenizer) from config.init (a Hugging Face directory or a training workdir),
+    running config.init_sft_config into the workdir first when it holds no checkpoint."""
+    init = Path(config.init)
+    if (init / "config.json").is_file():
+        tokenizer = load_tokenizer(init / "tokenizer.json")
+        check_chat_tokens(tokenizer, init / "tokenizer.json")
+        return load_hf(init, mesh=mesh), tokenizer
+    has_checkpoint = (init / "checkpoints").is_dir() and any(
+        p.name.isdigit() for p in (init / "checkpoints").iterdir())
+    if not has_checkpoint:
+        if not config.init_sft_config:
+            raise ConfigError(f"config.init: {init} holds no checkpoint")
+        _run_sft_into(init, config.init_sft_config)
+    model, tokenizer = load_workdir(init, mesh=mesh)
+    check_chat_tokens(tokenizer, init / "tokenizer.json")
+    return model, tokenizer
+
+
+def _check_lengths(config, tokenizer, problems) -> None:
+    longest = max(len(prompt_ids(tokenizer, p, thinking=config.rl.thinking)) for p in problems)
+    needed = longest + config.rl.max_new_tokens - 1
+    if needed > config.seq_len:
+        raise ConfigError(f"config.seq_len: {config.seq_len} is shorter than the longest prompt "
+                          f"({longest} tokens) + rl.max_new_tokens - 1 = {needed}")
+
+
+def _padded_batch(groups: Groups, advantages, config) -> dict[str, np.ndarray]:
+    """The training batch at its fixed shape: `groups_per_step * group_size` rows, the rows of
+    missing groups (dynamic sampling came up short) empty, so the step never recompiles."""
+    rows = config.rl.group_size * config.rl.groups_per_step
+    missing = rows - len(groups.prompts)
+    pad_prompt = groups.prompts[0][:1] if groups.prompts else (0,)
+    return rollout_batch(
+        list(groups.prompts) + [pad_prompt] * missing,
+        list(groups.completions) + [()] * missing,
+        list(groups.logprobs) + [()] * missing,
+        np.concatenate([np.asarray(advantages, np.float32), np.zeros(missing, np.float32)]),
+        seq_len=config.seq_len, micro_batches=config.micro_batches,
+        temperature=config.rl.temperature)
+
+
+def rollout_metrics(rounds: list[Groups], kept: Groups) -> dict[str, float]:
+    """Over every completion sampled this step (all rounds), and the kept groups' rewards."""
+    scores = np.concatenate([r.scores for r in rounds])
+    lengths = [len(c) for r in rounds for c in r.completions]
+    out = dict(reward_mean=float(scores.mean()), reward_std=float(scores.std()),
+               response_len=float(np.mean(lengths)),
+               truncated_frac=float(np.mean(np.concatenate([r.truncated for r in rounds]))),
+               generated_tokens=float(sum(lengths)))
+    if len(kept):
+        out["kept_reward_mean"] = float(kept.rewards.mean())
+    return out
+
+
+def _copy_into(workdir: Path, init: Path) -> None:
+    """The GRPO workdir loads alone (eval, generate, chat, a later GRPO run): the policy's
+    tokenizer beside its checkpoints (the model config is written by `save_model_config`)."""
+    if not (workdir / "tokenizer.json").exists():
+        shutil.copyfile(init / "tokenizer.json", workdir / "tokenizer.json")
+
+
+def grpo(config) -> list[dict]:
+    """Runs until `config.steps`; resumes from the workdir; returns the rows logged by this run
+    (per-step rows and eval rows)."""
+    validate_grpo(config)
+    workdir = Path(config.workdir)
+    train_set, heldout = train_problems(config), heldout_problems(config)
+    mesh = training_mesh(config)
+    model, tokenizer = starting_policy(config, mesh)
+    _check_lengths(config, tokenizer, train_set + heldout)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _copy_into(workdir, Path(config.init))
+    save_model_config(workdir, model.config)
+    optimizer, _ = build_optimizer(config)
+    graphdef, state = TrainState.create(model, optimizer)
+    del model
+    state = _committed(state, mesh)
+    step_config = grpo_config(config, train_set)
+    ref_params = jax.tree.map(lambda x: x.copy(), state.params) if step_config.kl_beta else None
+    train_step = make_grpo_step(graphdef, optimizer, step_config,
+                                jax.tree.map(lambda x: x.sharding, state))
+    policy_logp = make_policy_logp(graphdef)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    start, position = 0, 0
+    restored = checkpointer.restore_latest(lambda step: checkpointer.restore(step, state))
+    if restored is not None:
+        start, (state, data_state) = restored
+        position = int(data_state["position"])
+        logging.warning("resumed GRPO from step %d", start)
+    stream = PromptStream(train_set, config.seed, position)
+    logger = MetricsLogger(workdir, start_step=start, total_steps=config.steps)
+    rl = config.rl
+    sampling = SamplingConfig(temperature=rl.temperature)
+    overlong = Overlong(rl.max_new_tokens, rl.overlong_cache) if rl.overlong_cache else None
+    logged, curve = [], _curve_rows(workdir, start)
+    pool = RewardPool(workers=rl.reward_workers)
+
+    def policy():
+        return nnx.merge(graphdef, state.params, state.buffers)  # the live arrays, no copy
+
+    def run_eval(step):
+        tick = time.perf_counter()
+        with jax.set_mesh(mesh):
+            row = evaluate_tasks(policy(), tokenizer, heldout, pool, temperature=0.0,
+                                 thinking=rl.thinking, max_new_tokens=config.eval.max_new_tokens,
+                                 batch_size=config.eval.batch_size, seed=config.seed)
+        row["eval_reward"] = row.pop("eval_accuracy")
+        row["eval_seconds"] = time.perf_counter() - tick
+        logger.log(step, row)
+        logged.append({"step": step, **row})
+        curve.append({"step": step, **row})
+        write_reward_curve(curve, workdir / "reward_curve.png")
+
+    def rollout(problems, round_index, step):
+        with jax.set_mesh(mesh):
+            return rollout_groups(policy(), tokenizer, problems, pool, group_size=rl.group_size,
+                                  sampling=sampling, thinking=rl.thinking,
+                                  max_new_tokens=rl.max_new_tokens,
+                                  batch_size=rl.rollout_batch_size,
+                                  seed=(config.seed * 1_000_003 + step) * 64 + round_index,
+                                  overlong=overlong)
+
+    try:
+        if heldout and start == 0:
+            run_eval(0)
+        for step in range(start, config.steps):
+            tick = time.perf_counter()
+            groups, counts, rounds = collect_groups(
+                stream.draw, lambda problems, r: rollout(problems, r, step),
+                groups_per_step=rl.groups_per_step, max_rounds=rl.max_rounds,
+                dynamic=rl.dynamic_sampling)
+            rollout_seconds = time.perf_counter() - tick
+            row = {**counts, **rollout_metrics(rounds, groups), "rollout_seconds": rollout_seconds}
+            row["rollout_tokens_per_second"] = row["generated_tokens"] / rollout_seconds
+            tick = time.perf_counter()
+            if len(groups):
+                advantages = group_advantages(groups.rewards, rl.group_size,
+                                              scale_by_std=rl.scale_by_std)
+                batch = _padded_batch(groups, advantages, config)
+                with jax.set_mesh(mesh):
+                    if rl.recompute_old_logp:
+                        batch["old_logp"] = np.asarray(policy_logp(state, batch))
+                    for update in range(rl.updates_per_batch):
+                        rng = jax.random.fold_in(jax.random.key(config.seed),
+                                                 step * rl.updates_per_batch + update)
+                        state, metrics = train_step(state, batch, rng, ref_params)
+                row.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+            row["no_signal"] = float(not len(groups))  # no informative group: no update
+            row["train_seconds"] = time.perf_counter() - tick
+            if "train_tokens" in row:
+                row["train_tokens_per_second"] = (row["train_tokens"] * rl.updates_per_batch
+                                                  / row["train_seconds"])
+            done = step + 1
+            logger.advance()
+            if done % config.log_every == 0 or done == config.steps:
+                logger.log(done, row)
+                logged.append({"step": done, **row})
+                curve.append({"step": done, "reward_mean": row["reward_mean"]})
+            if heldout and config.eval.every and (done % config.eval.every == 0
+                                                  or done == config.steps):
+                run_eval(done)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                checkpointer.save(done, state, {"position": stream.position})
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+        logger.close()
+        pool.close()
+    return logged
+
+
+def _committed(state, mesh):
+    """Every leaf placed on the mesh (leaves made outside it, like the step counter,
+    replicated): the jitted step then sees the same shardings on every call."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                        else jax.device_put(x, replicated), state)
+
+
+def _curve_rows(workdir: Path, start: int) -> list[dict]:
+    """The reward-curve points a resumed run already logged (metrics.jsonl up to `start`)."""
+    import json
+
+    path = workdir / "metrics.jsonl"
+    rows = []
+    if start and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", start + 1) <= start and (
+                    "eval_reward" in record or "reward_mean" in record):
+                rows.append(record)
+    return rows

@@ -1,0 +1,121 @@
+"""The GRPO loop end to end on a small SFT'd policy: a stopped and restarted run logs exactly
+what the uninterrupted run logs (policy, optimizer, prompt position and rng all restored), the
+step compiles once per run and generation not at all after the first run, and the workdir holds
+eval_reward rows, the per-step metrics and the reward curve."""
+
+import json
+
+import pytest
+
+from configs import sft_tiny
+from glm_jax.infer import engine
+from glm_jax.rl import grpo as grpo_lib
+from glm_jax.rl import rewards
+from glm_jax.rl.loop import grpo, grpo_base_config
+from glm_jax.train.sft import sft
+
+TIMING = ("_seconds", "_per_second")
+
+
+def _odd_length(completion: str, reference) -> float:
+    """A reward a barely trained policy earns about half the time: signal in every group."""
+    return float(len(completion) % 2 == 1)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    config = sft_tiny.get_config()
+    config.workdir = str(tmp_path_factory.mktemp("sft"))
+    config.model.overrides = dict(num_hidden_layers=2, max_position_embeddings=256)
+    config.tokenizer_vocab_size = 320
+    config.sft.train_problems = 64
+    config.seq_len, config.batch_size = 96, 4
+    config.steps = config.checkpoint_every = 1
+    config.num_devices = 1
+    config.eval.task = ""
+    sft(config)
+    return config.workdir
+
+
+@pytest.fixture()
+def odd_length_reward(monkeypatch, tmp_path):
+    monkeypatch.setitem(rewards.REWARDS, "odd_length", _odd_length)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {n}.", "reference": "",
+                                           "reward": "odd_length"}) + "\n" for n in range(5)))
+    return str(prompts)
+
+
+def _config(policy_dir, prompts, workdir, steps):
+    config = grpo_base_config("dapo")  # dynamic sampling and overlong shaping on
+    config.workdir, config.init = str(workdir), policy_dir
+    config.num_devices = 1
+    config.steps, config.schedule_steps, config.warmup_steps = steps, 4, 1
+    config.checkpoint_every, config.log_every = 2, 1
+    config.peak_learning_rate = 1e-2
+    config.seq_len, config.micro_batches = 80, 2
+    rl = config.rl
+    rl.task, rl.group_size, rl.groups_per_step, rl.max_rounds = prompts, 4, 2, 2
+    rl.max_new_tokens, rl.overlong_cache, rl.rollout_batch_size = 16, 4, 8
+    rl.reward_workers = 0  # in process: the test's reward is registered here only
+    config.eval.task, config.eval.problems, config.eval.every = prompts, 3, 2
+    config.eval.max_new_tokens, config.eval.batch_size = 16, 4
+    return config
+
+
+def _rows(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows]
+
+
+def test_resumed_run_logs_what_the_uninterrupted_run_logs(policy_dir, odd_length_reward,
+                                                          tmp_path):
+    whole = tmp_path / "whole"
+    traces = grpo_lib.TRACES["grpo_step"]
+    grpo(_config(policy_dir, odd_length_reward, whole, steps=4))
+    assert grpo_lib.TRACES["grpo_step"] == traces + 1  # four steps, one compilation
+
+    split = tmp_path / "split"
+    grpo(_config(policy_dir, odd_length_reward, split, steps=2))
+    generation = dict(engine.TRACES)
+    logged = grpo(_config(policy_dir, odd_length_reward, split, steps=4))
+    assert dict(engine.TRACES) == generation  # rollouts and eval reuse their programs
+    assert [r["step"] for r in logged if "reward_mean" in r] == [3, 4]  # continued, not redone
+
+    expected, resumed = _rows(whole), _rows(split)
+    assert resumed == expected
+    steps = [r for r in expected if "reward_mean" in r]
+    evals = [r for r in expected if "eval_reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for name in ("pg_loss", "grad_norm", "entropy", "kl", "clip_frac_low", "clip_frac_high",
+                 "ratio_mean", "ratio_max", "ratio_min", "reward_std", "response_len",
+                 "truncated_frac", "zero_std_group_frac", "groups_kept", "rounds"):
+        assert all(name in r for r in steps), name
+    assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # on-policy first update
+    assert any(r["grad_norm"] > 0 for r in steps)
+    assert (whole / "reward_curve.png").stat().st_size > 0
+    assert (whole / "tokenizer.json").is_file() and (whole / "model_config.json").is_file()
+
+
+def test_starting_policy_reads_a_hugging_face_directory(policy_dir, odd_length_reward,
+                                                        tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import chex
+    from flax import nnx
+
+    from glm_jax.convert import save_hf
+    from glm_jax.rl.loop import starting_policy, validate_grpo
+    from glm_jax.train.loop import load_workdir, training_mesh
+
+    model, workdir_tokenizer = load_workdir(policy_dir)
+    hf_dir = tmp_path / "hf"
+    save_hf(model, hf_dir)
+    shutil.copyfile(Path(policy_dir) / "tokenizer.json", hf_dir / "tokenizer.json")
+    config = _config(str(hf_dir), odd_length_reward, tmp_path / "run", steps=1)
+    validate_grpo(config)
+    loaded, tokenizer = starting_policy(config, training_mesh(config))
+    assert tokenizer.get_vocab() == workdir_tokenizer.get_vocab()
+    chex.assert_trees_all_close(nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))
