@@ -2,6 +2,7 @@
 objectives, the pure `grpo_step`, rollouts with dynamic sampling, and the loop
 (`glm_jax.rl.loop.grpo`)."""
 
+from glm_jax.rl.curriculum import pick_temperature, select_hard_prompts
 from glm_jax.rl.distill import select_for_distillation
 from glm_jax.rl.objectives import (aggregate_loss, group_advantages, k3_kl, overlong_penalty,
                                    token_policy_loss)
@@ -15,4 +16,5 @@ __all__ = ["GrpoConfig", "Groups", "Overlong", "REWARDS", "RewardPool", "aggrega
            "bits_per_byte", "code_reward", "collect_groups", "evaluate_model", "evaluate_tasks",
            "exact_match_reward", "function_call_reward", "get_reward", "grpo_step",
            "group_advantages", "k3_kl", "make_grpo_step", "math_reward", "overlong_penalty",
-           "pass_at_k", "rollout_groups", "select_for_distillation", "token_policy_loss"]
+           "pass_at_k", "pick_temperature", "rollout_groups", "select_for_distillation",
+           "select_hard_prompts", "token_policy_loss"]

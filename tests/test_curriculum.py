@@ -1,0 +1,77 @@
+"""The curriculum's stage-2 rule and the dynamic-temperature rule on hand cases, ties, bad input,
+and (hypothesis) against a direct re-statement over random tables."""
+
+import math
+
+import pytest
+from hypothesis import given, strategies as st
+
+from glm_jax.rl import pass_at_k, pick_temperature, select_hard_prompts
+
+
+def test_select_hard_prompts_keeps_unsolved_at_8_but_solved_at_512():
+    rates = {"easy": {8: 0.9, 512: 1.0}, "hard": {8: 0.0, 512: 0.3}, "never": {8: 0.0, 512: 0.0},
+             "moderate": {8: 0.2, 512: 1.0}, "barely": {8: 0.0, 512: 1e-9}}
+    assert select_hard_prompts(rates) == ["hard", "barely"]  # the order given
+    other_k = {"a": {4: 0.0, 16: 0.5}, "b": {4: 0.5, 16: 0.9}, "c": {4: 0.0, 16: 0.0}}
+    assert select_hard_prompts(other_k, zero_at=4, nonzero_at=16) == ["a"]
+
+
+def test_select_hard_prompts_from_sample_counts():
+    # From one set of 512 samples the unbiased pass@8 is > 0 exactly when pass@512 is, so the
+    # rule keeps nothing: it needs pass@8 from its own 8 samples (the cheap first screen).
+    counts = {"p0": 0, "p1": 1, "p2": 40}
+    rates = {p: {k: pass_at_k(512, c, k) for k in (8, 512)} for p, c in counts.items()}
+    assert rates["p1"][8] > 0 and rates["p1"][512] == 1.0
+    assert select_hard_prompts(rates) == []
+    measured = {"p0": {8: pass_at_k(8, 0, 8), 512: pass_at_k(512, 0, 512)},
+                "p1": {8: pass_at_k(8, 0, 8), 512: pass_at_k(512, 1, 512)},
+                "p2": {8: pass_at_k(8, 3, 8), 512: pass_at_k(512, 40, 512)}}
+    assert select_hard_prompts(measured) == ["p1"]
+
+
+@pytest.mark.parametrize("rates, kwargs, message", [
+    ({"a": {8: 0.0}}, {}, "prompt 'a': no pass@512 (has [8])"),
+    ({"a": {8: 0.0, 512: 1.5}}, {}, "prompt 'a': pass@512 = 1.5 is not in [0, 1]"),
+    ({"a": {8: float("nan"), 512: 1.0}}, {}, "prompt 'a': pass@8 = nan is not in [0, 1]"),
+    ({}, dict(zero_at=512, nonzero_at=8), "1 <= zero_at < nonzero_at"),
+    ({}, dict(zero_at=0, nonzero_at=8), "1 <= zero_at < nonzero_at"),
+])
+def test_select_hard_prompts_bad_input_names_it(rates, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")
+                       .replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        select_hard_prompts(rates, **kwargs)
+
+
+def test_pick_temperature_hand_cases_and_ties():
+    assert pick_temperature({0.6: 0.50, 0.8: 0.52, 1.0: 0.515, 1.2: 0.40}) == 1.0  # 0.515 >= 0.5148
+    assert pick_temperature({0.6: 0.50, 0.8: 0.52, 1.0: 0.514, 1.2: 0.40}) == 0.8  # 0.514 < 0.5148
+    assert pick_temperature({0.7: 0.3, 1.0: 0.3, 1.3: 0.3}) == 1.3  # ties: the hottest
+    assert pick_temperature({1.0: 1.0, 1.1: 0.99}) == 1.1  # exactly 1% below: within
+    assert pick_temperature({0.5: 0.0, 1.0: 0.0}) == 1.0  # all zero: all within
+    assert pick_temperature({0.5: -0.10, 1.0: -0.1005, 1.5: -0.2}) == 1.0  # negative rewards
+    assert pick_temperature({0.6: 0.50, 0.8: 0.52, 1.0: 0.515}, tolerance=0.0) == 0.8
+    assert pick_temperature({0.9: 0.2}) == 0.9
+
+
+@pytest.mark.parametrize("scores, kwargs, message", [
+    ({}, {}, "at least one"),
+    ({1.0: float("nan")}, {}, "temperature 1.0: score nan is not finite"),
+    ({0.0: 0.5}, {}, "temperature 0.0: must be a finite number > 0"),
+    ({1.0: 0.5}, dict(tolerance=1.5), "tolerance must be in"),
+])
+def test_pick_temperature_bad_input_names_it(scores, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pick_temperature(scores, **kwargs)
+
+
+@given(st.dictionaries(st.sampled_from([0.2 * i for i in range(1, 11)]),
+                       st.floats(-1, 1, allow_nan=False), min_size=1),
+       st.sampled_from([0.0, 0.01, 0.05, 0.5]))
+def test_pick_temperature_is_the_hottest_within_tolerance(scores, tolerance):
+    best = max(scores.values())
+    picked = pick_temperature(scores, tolerance=tolerance)
+    assert scores[picked] >= best - tolerance * abs(best) - 1e-9
+    hotter = [t for t in scores if t > picked]
+    assert all(scores[t] < best - tolerance * abs(best) + 1e-9 for t in hotter)
+    assert math.isfinite(picked)
