@@ -1,7 +1,8 @@
 """The GRPO loop end to end on a small SFT'd policy: a stopped and restarted run logs exactly
-what the uninterrupted run logs (policy, optimizer, prompt position and rng all restored), the
-step compiles once per run and generation not at all after the first run, and the workdir holds
-eval_reward rows, the per-step metrics and the reward curve."""
+what the uninterrupted run logs (policy, optimizer, prompt position, rng and the dynamic
+temperature all restored), the step compiles once per run and generation not at all after the
+first run, and the workdir holds eval_reward rows, the temperature table, the per-step metrics
+and the reward curve."""
 
 import json
 
@@ -11,6 +12,7 @@ from configs import sft_tiny
 from glm_jax.infer import engine
 from glm_jax.rl import grpo as grpo_lib
 from glm_jax.rl import rewards
+from glm_jax.rl.curriculum import pick_temperature
 from glm_jax.rl.loop import grpo, grpo_base_config
 from glm_jax.train.sft import sft
 
@@ -60,6 +62,8 @@ def _config(policy_dir, prompts, workdir, steps):
     rl.reward_workers = 0  # in process: the test's reward is registered here only
     config.eval.task, config.eval.problems, config.eval.every = prompts, 3, 2
     config.eval.max_new_tokens, config.eval.batch_size = 16, 4
+    rl.dynamic_temperature.every, rl.dynamic_temperature.samples = 2, 2
+    rl.dynamic_temperature.temperatures, rl.dynamic_temperature.tolerance = "0.5,2.5", 0.0
     return config
 
 
@@ -88,6 +92,13 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(policy_dir, odd_length
     evals = [r for r in expected if "eval_reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["step"] for r in evals] == [0, 2, 4]
+    tuned = [r for r in expected if "rollout_temperature" in r and "reward_mean" not in r]
+    assert [r["step"] for r in tuned] == [2, 4]
+    for row in tuned:  # the table, and the pick the rule makes from it
+        table = {0.5: row["temperature_score_T0.5"], 2.5: row["temperature_score_T2.5"]}
+        assert row["rollout_temperature"] == pick_temperature(table, tolerance=0.0)
+    assert [r["rollout_temperature"] for r in steps] == [1.0, 1.0] + [
+        tuned[0]["rollout_temperature"]] * 2  # steps 3-4 sample at the pick made after step 2
     for name in ("pg_loss", "grad_norm", "entropy", "kl", "clip_frac_low", "clip_frac_high",
                  "ratio_mean", "ratio_max", "ratio_min", "reward_std", "response_len",
                  "truncated_frac", "zero_std_group_frac", "groups_kept", "rounds"):

@@ -128,8 +128,9 @@ def test_short_batches_are_padded_to_the_fixed_shape_with_empty_rows():
     config.rl.group_size, config.rl.groups_per_step, config.seq_len = G, 3, 16
     config.micro_batches = 2
     groups = _groups(tasks.problems("train", 2), [1, 0, 0, 0, 1, 1, 0, 0])
-    batch = _padded_batch(groups, np.arange(8, dtype=np.float32), config)
+    batch = _padded_batch(groups, np.arange(8, dtype=np.float32), config, temperature=0.7)
     assert batch["mask"].shape == (2, 6, 16)  # 3 groups x 4 rows in 2 micro-batches
+    assert batch["temperature"] == np.float32(0.7)
     mask = batch["mask"].reshape(12, 16)
     assert mask[:8].sum(axis=1).tolist() == [3.0] * 8  # the completion tokens
     assert mask[8:].sum() == 0 and batch["advantages"].reshape(12)[8:].tolist() == [0.0] * 4

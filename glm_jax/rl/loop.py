@@ -36,6 +36,7 @@ from glm_jax.convert import load_hf
 from glm_jax.data.tokenizer import check_chat_tokens, load_tokenizer
 from glm_jax.errors import ConfigError
 from glm_jax.infer.engine import SamplingConfig
+from glm_jax.rl.curriculum import pick_temperature
 from glm_jax.rl.evaluate import evaluate_tasks, prompt_ids
 from glm_jax.rl.grpo import GrpoConfig, make_grpo_step, make_policy_logp, rollout_batch
 from glm_jax.rl.objectives import group_advantages
@@ -92,6 +93,11 @@ def grpo_base_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
         bias_rate=0.0,  # MoE balance-bias updates during RL (0 = frozen)
         reward_workers=2,
         **PRESETS[algorithm]))
+    # GLM-4.5's dynamic temperature: every `every` steps (0 = off) score the held-out set with
+    # `samples` completions per problem at each of `temperatures`, and continue the rollouts at
+    # the hottest one within `tolerance` (relative) of the best (`pick_temperature`).
+    config.rl.dynamic_temperature = ml_collections.ConfigDict(dict(
+        every=0, temperatures="0.6,0.8,1.0,1.2", tolerance=0.01, samples=4))
     config.eval = ml_collections.ConfigDict(dict(
         every=10, task="builtin", problems=60, max_new_tokens=64, batch_size=64))
     return config
@@ -110,6 +116,17 @@ def validate_grpo(config) -> None:
     config_lib.check_int(config, "rl.overlong_cache", 0)
     config_lib.check_int(config, "rl.reward_workers", 0)
     config_lib.check_float(config, "rl.temperature", positive=True)
+    dynamic = rl.dynamic_temperature
+    config_lib.check_int(config, "rl.dynamic_temperature.every", 0)
+    config_lib.check_int(config, "rl.dynamic_temperature.samples", 1)
+    if not 0.0 <= dynamic.tolerance < 1.0:
+        raise ConfigError(f"config.rl.dynamic_temperature.tolerance: must be in [0, 1), got "
+                          f"{dynamic.tolerance}")
+    if dynamic.every:
+        temperatures(config)  # raises naming a bad entry
+        if not config.eval.task:
+            raise ConfigError("config.rl.dynamic_temperature.every: needs held-out problems "
+                              "(config.eval.task is empty)")
     for field in ("eps_low", "eps_high", "kl_beta", "bias_rate", "clip_c"):
         config_lib.check_float(config, f"rl.{field}")
     if rl.clip_c and rl.clip_c <= 1:
@@ -146,6 +163,19 @@ def validate_grpo(config) -> None:
     if jax.process_count() > 1:
         raise ConfigError("the GRPO loop runs in one process (its local devices); got "
                           f"{jax.process_count()} processes")
+
+
+def temperatures(config) -> tuple[float, ...]:
+    """config.rl.dynamic_temperature.temperatures as floats > 0."""
+    text = config.rl.dynamic_temperature.temperatures
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 < t < float("inf") for t in values):
+        raise ConfigError(f"config.rl.dynamic_temperature.temperatures: {text!r} is not a "
+                          "comma-separated list of temperatures > 0")
+    return values
 
 
 def _kinds(config) -> tuple[str, ...]:
@@ -253,7 +283,7 @@ def _check_lengths(config, tokenizer, problems) -> None:
                           f"({longest} tokens) + rl.max_new_tokens - 1 = {needed}")
 
 
-def _padded_batch(groups: Groups, advantages, config) -> dict[str, np.ndarray]:
+def _padded_batch(groups: Groups, advantages, config, temperature) -> dict[str, np.ndarray]:
     """The training batch at its fixed shape: `groups_per_step * group_size` rows, the rows of
     missing groups (dynamic sampling came up short) empty, so the step never recompiles."""
     rows = config.rl.group_size * config.rl.groups_per_step
@@ -265,7 +295,7 @@ def _padded_batch(groups: Groups, advantages, config) -> dict[str, np.ndarray]:
         list(groups.logprobs) + [()] * missing,
         np.concatenate([np.asarray(advantages, np.float32), np.zeros(missing, np.float32)]),
         seq_len=config.seq_len, micro_batches=config.micro_batches,
-        temperature=config.rl.temperature)
+        temperature=temperature)
 
 
 def rollout_metrics(rounds: list[Groups], kept: Groups) -> dict[str, float]:
@@ -310,16 +340,16 @@ def grpo(config) -> list[dict]:
                                 jax.tree.map(lambda x: x.sharding, state))
     policy_logp = make_policy_logp(graphdef)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    start, position = 0, 0
+    start, position, temperature = 0, 0, float(config.rl.temperature)
     restored = checkpointer.restore_latest(lambda step: checkpointer.restore(step, state))
     if restored is not None:
         start, (state, data_state) = restored
         position = int(data_state["position"])
+        temperature = float(data_state.get("temperature", temperature))
         logging.warning("resumed GRPO from step %d", start)
     stream = PromptStream(train_set, config.seed, position)
     logger = MetricsLogger(workdir, start_step=start, total_steps=config.steps)
     rl = config.rl
-    sampling = SamplingConfig(temperature=rl.temperature)
     overlong = Overlong(rl.max_new_tokens, rl.overlong_cache) if rl.overlong_cache else None
     logged, curve = [], _curve_rows(workdir, start)
     pool = RewardPool(workers=rl.reward_workers)
@@ -340,10 +370,31 @@ def grpo(config) -> list[dict]:
         curve.append({"step": step, **row})
         write_reward_curve(curve, workdir / "reward_curve.png")
 
+    def tune_temperature(step) -> dict[str, float]:
+        """Scores the held-out set at each candidate temperature; -> the row to log, with the
+        picked `rollout_temperature`."""
+        tick, table = time.perf_counter(), {}
+        dynamic = rl.dynamic_temperature
+        with jax.set_mesh(mesh):
+            for t in temperatures(config):
+                scores = evaluate_tasks(policy(), tokenizer, heldout, pool, n=dynamic.samples,
+                                        temperature=t, thinking=rl.thinking,
+                                        max_new_tokens=config.eval.max_new_tokens,
+                                        batch_size=config.eval.batch_size,
+                                        seed=config.seed * 1_000_003 + step, prefix="")
+                table[t] = scores["accuracy"]
+        picked = pick_temperature(table, tolerance=dynamic.tolerance)
+        row = {f"temperature_score_T{t:g}": s for t, s in table.items()}
+        row.update(rollout_temperature=picked, temperature_seconds=time.perf_counter() - tick)
+        logging.warning("step %d: held-out reward by temperature %s -> rollouts at %g",
+                        step, {f"{t:g}": round(s, 4) for t, s in table.items()}, picked)
+        return row
+
     def rollout(problems, round_index, step):
         with jax.set_mesh(mesh):
             return rollout_groups(policy(), tokenizer, problems, pool, group_size=rl.group_size,
-                                  sampling=sampling, thinking=rl.thinking,
+                                  sampling=SamplingConfig(temperature=temperature),
+                                  thinking=rl.thinking,
                                   max_new_tokens=rl.max_new_tokens,
                                   batch_size=rl.rollout_batch_size,
                                   seed=(config.seed * 1_000_003 + step) * 64 + round_index,
@@ -359,13 +410,14 @@ def grpo(config) -> list[dict]:
                 groups_per_step=rl.groups_per_step, max_rounds=rl.max_rounds,
                 dynamic=rl.dynamic_sampling)
             rollout_seconds = time.perf_counter() - tick
-            row = {**counts, **rollout_metrics(rounds, groups), "rollout_seconds": rollout_seconds}
+            row = {**counts, **rollout_metrics(rounds, groups), "rollout_seconds": rollout_seconds,
+                   "rollout_temperature": temperature}
             row["rollout_tokens_per_second"] = row["generated_tokens"] / rollout_seconds
             tick = time.perf_counter()
             if len(groups):
                 advantages = group_advantages(groups.rewards, rl.group_size,
                                               scale_by_std=rl.scale_by_std)
-                batch = _padded_batch(groups, advantages, config)
+                batch = _padded_batch(groups, advantages, config, temperature)
                 with jax.set_mesh(mesh):
                     if rl.recompute_old_logp:
                         batch["old_logp"] = np.asarray(policy_logp(state, batch))
@@ -388,8 +440,14 @@ def grpo(config) -> list[dict]:
             if heldout and config.eval.every and (done % config.eval.every == 0
                                                   or done == config.steps):
                 run_eval(done)
+            if rl.dynamic_temperature.every and done % rl.dynamic_temperature.every == 0:
+                tuned = tune_temperature(done)
+                temperature = tuned["rollout_temperature"]
+                logger.log(done, tuned)
+                logged.append({"step": done, **tuned})
             if done % config.checkpoint_every == 0 or done == config.steps:
-                checkpointer.save(done, state, {"position": stream.position})
+                checkpointer.save(done, state, {"position": stream.position,
+                                                "temperature": temperature})
         checkpointer.wait()
     finally:
         checkpointer.close()
