@@ -1,12 +1,15 @@
-"""The curriculum's stage-2 rule and the dynamic-temperature rule on hand cases, ties, bad input,
-and (hypothesis) against a direct re-statement over random tables."""
+"""The curriculum's stage-1 and stage-2 rules and the dynamic-temperature rule on hand cases,
+ties, bad input, and (hypothesis) against a direct re-statement over random tables; the pass-count
+cache that lets a stopped estimate resume."""
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 from glm_jax.rl import pass_at_k, pick_temperature, select_hard_prompts
+from glm_jax.rl.curriculum import PassCountCache, count_correct, select_moderate_prompts
 
 
 def test_select_hard_prompts_keeps_unsolved_at_8_but_solved_at_512():
@@ -75,3 +78,48 @@ def test_pick_temperature_is_the_hottest_within_tolerance(scores, tolerance):
     hotter = [t for t in scores if t > picked]
     assert all(scores[t] < best - tolerance * abs(best) + 1e-9 for t in hotter)
     assert math.isfinite(picked)
+
+
+class Sampler:
+    """sample(keys) -> n rewards per key from a table; optionally fails on the k-th call."""
+
+    def __init__(self, table, n, fail_on_call=None):
+        self.table, self.n, self.fail_on_call, self.calls = table, n, fail_on_call, []
+
+    def __call__(self, keys):
+        self.calls.append(list(keys))
+        if len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt  # the run is stopped mid-estimate
+        return np.concatenate([[1.0] * self.table[k] + [0.0] * (self.n - self.table[k])
+                               for k in keys])
+
+
+def test_pass_counts_are_cached_and_an_interrupted_estimate_resumes(tmp_path):
+    table = {f"p{i}": i % 5 for i in range(10)}  # correct out of n = 4 (p4, p9: 4 of 4)
+    table.update(p4=4, p9=0)
+    cache = PassCountCache(tmp_path / "pass_counts.jsonl")
+    stopped = Sampler(table, 4, fail_on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        count_correct(list(table), stopped, n=4, cache=cache, policy_step=0, chunk=4)
+    assert len(cache.load(0, 4)) == 4  # the first chunk was kept
+    with open(cache.path, "a") as f:
+        f.write('{"key": "p5", "policy_st')  # a kill mid-write
+    resumed = Sampler(table, 4)
+    counts = count_correct(list(table), resumed, n=4, cache=cache, policy_step=0, chunk=4)
+    assert counts == table
+    assert [k for call in resumed.calls for k in call] == [f"p{i}" for i in range(4, 10)]
+    again = Sampler(table, 4)
+    assert count_correct(list(table), again, n=4, cache=cache, policy_step=0) == table
+    assert again.calls == []  # all cached
+    later = Sampler(table, 4)
+    count_correct(["p1"], later, n=4, cache=cache, policy_step=50)  # a newer policy: resampled
+    assert later.calls == [["p1"]]
+    assert cache.load(0, 8) == {}  # another sample count is not reused
+
+
+def test_stage_one_keeps_the_moderate_prompts():
+    correct = {"never": 0, "once": 1, "half": 4, "always": 8}
+    assert select_moderate_prompts(correct, 8) == ["once", "half"]
+    assert select_moderate_prompts(correct, 8, low=0.2, high=1.0) == ["half"]
+    with pytest.raises(ValueError, match="0 <= low < high <= 1"):
+        select_moderate_prompts(correct, 8, low=0.5, high=0.5)

@@ -6,8 +6,13 @@ range of temperatures and continue at `pick_temperature(...)`."""
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Mapping
+import os
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
 
 
 def select_hard_prompts(pass_rates: Mapping[str, Mapping[int, float]], *, zero_at: int = 8,
@@ -48,3 +53,65 @@ def pick_temperature(scores: Mapping[float, float], *, tolerance: float = 0.01) 
     best = max(scores.values())
     floor = best - tolerance * abs(best)
     return max(t for t, s in scores.items() if s >= floor - 1e-12 * max(1.0, abs(best)))
+
+
+class PassCountCache:
+    """Per-prompt sample counts on disk: JSON lines `{"key", "policy_step", "n", "correct"}`,
+    appended (and flushed) as each chunk of prompts is scored, so an estimate that is stopped
+    resumes where it stopped. A line for another policy step or sample count is not reused;
+    a partly written last line (a kill mid-write) is ignored."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def load(self, policy_step: int, n: int) -> dict[str, int]:
+        out = {}
+        if not self.path.exists():
+            return out
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("policy_step") == policy_step and record.get("n") == n:
+                out[record["key"]] = int(record["correct"])
+        return out
+
+    def append(self, policy_step: int, n: int, counts: Mapping[str, int]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():  # end a partly written line, so the next record starts on its own
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            for key, correct in counts.items():
+                f.write((json.dumps({"key": key, "policy_step": policy_step, "n": n,
+                                     "correct": int(correct)}) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def count_correct(keys: Sequence[str], sample: Callable[[list[str]], np.ndarray], *, n: int,
+                  cache: PassCountCache, policy_step: int, chunk: int = 64) -> dict[str, int]:
+    """-> {key: completions with reward 1 out of n}, for every key. `sample(keys)` returns the
+    rewards of n completions per key (key-major); keys already in the cache for this policy step
+    and n are not sampled again, and each chunk is cached as soon as it is scored."""
+    known = cache.load(policy_step, n)
+    todo = [k for k in dict.fromkeys(keys) if k not in known]
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        rewards = np.asarray(sample(part), np.float32).reshape(len(part), n)
+        counts = dict(zip(part, (rewards >= 1.0).sum(axis=1).tolist()))
+        cache.append(policy_step, n, counts)
+        known.update(counts)
+    return {k: known[k] for k in keys}
+
+
+def select_moderate_prompts(correct: Mapping[str, int], n: int, *, low: float = 0.0,
+                            high: float = 1.0) -> list[str]:
+    """Stage 1: the prompts whose pass rate c / n lies strictly between `low` and `high` (by
+    default: solved sometimes, not always), in the order given."""
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"select_moderate_prompts needs 0 <= low < high <= 1, got {low}, {high}")
+    return [k for k, c in correct.items() if low < c / n < high]
