@@ -86,8 +86,8 @@ class Sampler:
     def __init__(self, table, n, fail_on_call=None):
         self.table, self.n, self.fail_on_call, self.calls = table, n, fail_on_call, []
 
-    def __call__(self, keys):
-        self.calls.append(list(keys))
+    def __call__(self, keys, index):
+        self.calls.append((index, list(keys)))
         if len(self.calls) == self.fail_on_call:
             raise KeyboardInterrupt  # the run is stopped mid-estimate
         return np.concatenate([[1.0] * self.table[k] + [0.0] * (self.n - self.table[k])
@@ -107,13 +107,14 @@ def test_pass_counts_are_cached_and_an_interrupted_estimate_resumes(tmp_path):
     resumed = Sampler(table, 4)
     counts = count_correct(list(table), resumed, n=4, cache=cache, policy_step=0, chunk=4)
     assert counts == table
-    assert [k for call in resumed.calls for k in call] == [f"p{i}" for i in range(4, 10)]
+    # the second and third chunks; the first is cached, the stopped one is sampled whole
+    assert resumed.calls == [(1, ["p4", "p5", "p6", "p7"]), (2, ["p8", "p9"])]
     again = Sampler(table, 4)
     assert count_correct(list(table), again, n=4, cache=cache, policy_step=0) == table
     assert again.calls == []  # all cached
     later = Sampler(table, 4)
     count_correct(["p1"], later, n=4, cache=cache, policy_step=50)  # a newer policy: resampled
-    assert later.calls == [["p1"]]
+    assert later.calls == [(0, ["p1"])]
     assert cache.load(0, 8) == {}  # another sample count is not reused
 
 

@@ -92,16 +92,21 @@ class PassCountCache:
             os.fsync(f.fileno())
 
 
-def count_correct(keys: Sequence[str], sample: Callable[[list[str]], np.ndarray], *, n: int,
-                  cache: PassCountCache, policy_step: int, chunk: int = 64) -> dict[str, int]:
-    """-> {key: completions with reward 1 out of n}, for every key. `sample(keys)` returns the
-    rewards of n completions per key (key-major); keys already in the cache for this policy step
-    and n are not sampled again, and each chunk is cached as soon as it is scored."""
+def count_correct(keys: Sequence[str], sample: Callable[[list[str], int], np.ndarray], *,
+                  n: int, cache: PassCountCache, policy_step: int,
+                  chunk: int = 64) -> dict[str, int]:
+    """-> {key: completions with reward 1 out of n}, for every key. `sample(keys, index)` returns
+    the rewards of n completions per key (key-major) of chunk `index` of the key list. A chunk
+    whose keys are all cached for this policy step and n is not sampled again; each chunk is
+    cached as soon as it is scored. Chunks are fixed slices of `keys`, so a caller seeding by
+    chunk index draws the same samples whether or not the estimate was stopped on the way."""
+    keys = list(dict.fromkeys(keys))
     known = cache.load(policy_step, n)
-    todo = [k for k in dict.fromkeys(keys) if k not in known]
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
-        rewards = np.asarray(sample(part), np.float32).reshape(len(part), n)
+    for index, start in enumerate(range(0, len(keys), chunk)):
+        part = keys[start:start + chunk]
+        if all(k in known for k in part):
+            continue
+        rewards = np.asarray(sample(part, index), np.float32).reshape(len(part), n)
         counts = dict(zip(part, (rewards >= 1.0).sum(axis=1).tolist()))
         cache.append(policy_step, n, counts)
         known.update(counts)
