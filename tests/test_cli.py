@@ -82,6 +82,8 @@ def _fails(args, message, stdin=""):
     (["grpo", "--config=configs/grpo_tiny.py", "--config.rl.dynamic_temperature.every=5",
       "--config.rl.dynamic_temperature.temperatures=0.8,hot"],
      "config.rl.dynamic_temperature.temperatures: '0.8,hot' is not a comma-separated list"),
+    (["grpo", "--config=configs/grpo_tiny.py", "--config.rl.curriculum.nonzero_at=8"],
+     "config.rl.curriculum.nonzero_at: must be an integer >= 9, got 8"),
     (["grpo", "--config=configs/grpo_glm45_mini.py"],
      "config.init: 'workdir/sft_glm45_mini' is neither a training workdir nor a Hugging Face"),
     (["eval", "--checkpoint=.", "--k=0"], "--k must be comma-separated integers >= 1"),

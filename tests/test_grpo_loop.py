@@ -1,8 +1,9 @@
 """The GRPO loop end to end on a small SFT'd policy: a stopped and restarted run logs exactly
-what the uninterrupted run logs (policy, optimizer, prompt position, rng and the dynamic
-temperature all restored), the step compiles once per run and generation not at all after the
-first run, and the workdir holds eval_reward rows, the temperature table, the per-step metrics
-and the reward curve."""
+what the uninterrupted run logs (policy, optimizer, prompt position, rng, the dynamic
+temperature and the curriculum stage all restored), the step compiles once per run and
+generation not at all after the first run, and the workdir holds eval_reward rows, the
+temperature table, the curriculum's stage rows and cached pass counts, the per-step metrics and
+the reward curve."""
 
 import json
 
@@ -64,6 +65,9 @@ def _config(policy_dir, prompts, workdir, steps):
     config.eval.max_new_tokens, config.eval.batch_size = 16, 4
     rl.dynamic_temperature.every, rl.dynamic_temperature.samples = 2, 2
     rl.dynamic_temperature.temperatures, rl.dynamic_temperature.tolerance = "0.5,2.5", 0.0
+    cur = rl.curriculum  # stage 2 from step 2: the split run resumes exactly at the switch
+    cur.enabled, cur.pool, cur.samples, cur.switch_step, cur.zero_at, cur.nonzero_at = (
+        True, 5, 2, 2, 1, 3)
     return config
 
 
@@ -97,6 +101,13 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(policy_dir, odd_length
     for row in tuned:  # the table, and the pick the rule makes from it
         table = {0.5: row["temperature_score_T0.5"], 2.5: row["temperature_score_T2.5"]}
         assert row["rollout_temperature"] == pick_temperature(table, tolerance=0.0)
+    stages = [r for r in expected if "stage_prompts" in r]
+    assert [(r["step"], r["curriculum_stage"]) for r in stages] == [(0, 1.0), (2, 2.0)]
+    assert all(r["screened_prompts"] == 5 for r in stages)
+    assert [r["curriculum_stage"] for r in steps] == [1.0, 1.0, 2.0, 2.0]
+    cached = [json.loads(line) for line in (whole / "curriculum.jsonl").read_text().splitlines()]
+    assert {(r["policy_step"], r["n"]) for r in cached} >= {(0, 2), (2, 1)}
+    assert (split / "curriculum.jsonl").read_text() == (whole / "curriculum.jsonl").read_text()
     assert [r["rollout_temperature"] for r in steps] == [1.0, 1.0] + [
         tuned[0]["rollout_temperature"]] * 2  # steps 3-4 sample at the pick made after step 2
     for name in ("pg_loss", "grad_norm", "entropy", "kl", "clip_frac_low", "clip_frac_high",

@@ -36,8 +36,10 @@ from glm_jax.convert import load_hf
 from glm_jax.data.tokenizer import check_chat_tokens, load_tokenizer
 from glm_jax.errors import ConfigError
 from glm_jax.infer.engine import SamplingConfig
-from glm_jax.rl.curriculum import pick_temperature
-from glm_jax.rl.evaluate import evaluate_tasks, prompt_ids
+from glm_jax.rl.curriculum import (PassCountCache, count_correct, pick_temperature,
+                                   select_hard_prompts, select_moderate_prompts)
+from glm_jax.rl.evaluate import (evaluate_tasks, pass_at_k, prompt_ids, sample_completions,
+                                 score_samples)
 from glm_jax.rl.grpo import GrpoConfig, make_grpo_step, make_policy_logp, rollout_batch
 from glm_jax.rl.objectives import group_advantages
 from glm_jax.rl.rewards import RewardPool
@@ -98,6 +100,14 @@ def grpo_base_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
     # the hottest one within `tolerance` (relative) of the best (`pick_temperature`).
     config.rl.dynamic_temperature = ml_collections.ConfigDict(dict(
         every=0, temperatures="0.6,0.8,1.0,1.2", tolerance=0.01, samples=4))
+    # GLM-4.5's two-stage difficulty curriculum: stage 1 trains on the first `pool` training
+    # prompts whose pass rate over `samples` completions lies strictly in (low, high); from step
+    # `switch_step` (0 = never), on those with pass@zero_at = 0 (from zero_at samples) and
+    # pass@nonzero_at > 0 (from nonzero_at more), screened with the policy of that step. Counts
+    # are cached in the workdir (curriculum.jsonl), so a resumed run does not sample them again.
+    config.rl.curriculum = ml_collections.ConfigDict(dict(
+        enabled=False, pool=256, samples=8, low=0.0, high=1.0, switch_step=0, zero_at=8,
+        nonzero_at=64))
     config.eval = ml_collections.ConfigDict(dict(
         every=10, task="builtin", problems=60, max_new_tokens=64, batch_size=64))
     return config
@@ -122,6 +132,14 @@ def validate_grpo(config) -> None:
     if not 0.0 <= dynamic.tolerance < 1.0:
         raise ConfigError(f"config.rl.dynamic_temperature.tolerance: must be in [0, 1), got "
                           f"{dynamic.tolerance}")
+    curriculum = rl.curriculum
+    for field in ("pool", "samples", "zero_at"):
+        config_lib.check_int(config, f"rl.curriculum.{field}", 1)
+    config_lib.check_int(config, "rl.curriculum.switch_step", 0)
+    config_lib.check_int(config, "rl.curriculum.nonzero_at", curriculum.zero_at + 1)
+    if not 0.0 <= curriculum.low < curriculum.high <= 1.0:
+        raise ConfigError(f"config.rl.curriculum: needs 0 <= low < high <= 1, got low="
+                          f"{curriculum.low}, high={curriculum.high}")
     if dynamic.every:
         temperatures(config)  # raises naming a bad entry
         if not config.eval.task:
@@ -311,6 +329,39 @@ def rollout_metrics(rounds: list[Groups], kept: Groups) -> dict[str, float]:
     return out
 
 
+def curriculum_stage(stage: int, train_set, sample, cache: PassCountCache, config, *,
+                     policy_step: int) -> tuple[list[tasks.Problem], dict[str, float]]:
+    """-> (the stage's prompts, the row to log). `sample(problems, n, seed)` -> rewards of n
+    completions per problem. Stage 1 keeps the moderate prompts of the pool, stage 2 the hard
+    ones (`select_hard_prompts`); a stage that selects nothing keeps the whole pool (stage 1)
+    or the stage-1 prompts (stage 2), and the row says so."""
+    cur = config.rl.curriculum
+    screened = {p.key: p for p in train_set[:cur.pool]}
+    keys = list(screened)
+
+    def counts(keys, n):
+        return count_correct(keys, lambda part, i: sample(
+            [screened[k] for k in part], n, (config.seed * 1_000_003 + policy_step) * 64 + i),
+            n=n, cache=cache, policy_step=policy_step)
+
+    if stage == 1:
+        correct = counts(keys, cur.samples)
+        chosen = select_moderate_prompts(correct, cur.samples, low=cur.low, high=cur.high)
+        rate = float(np.mean([correct[k] / cur.samples for k in chosen])) if chosen else 0.0
+    else:
+        first = counts(keys, cur.zero_at)
+        unsolved = [k for k in keys if first[k] == 0]
+        more = counts(unsolved, cur.nonzero_at) if unsolved else {}
+        rates = {k: {cur.zero_at: pass_at_k(cur.zero_at, first[k], cur.zero_at),
+                     cur.nonzero_at: (pass_at_k(cur.nonzero_at, more[k], cur.nonzero_at)
+                                      if k in more else 1.0)} for k in keys}
+        chosen = select_hard_prompts(rates, zero_at=cur.zero_at, nonzero_at=cur.nonzero_at)
+        rate = float(np.mean([more[k] / cur.nonzero_at for k in chosen])) if chosen else 0.0
+    row = {"curriculum_stage": float(stage), "stage_prompts": float(len(chosen)),
+           "stage_pass_rate": rate, "screened_prompts": float(len(keys))}
+    return [screened[k] for k in chosen], row
+
+
 def _copy_into(workdir: Path, init: Path) -> None:
     """The GRPO workdir loads alone (eval, generate, chat, a later GRPO run): the policy's
     tokenizer beside its checkpoints (the model config is written by `save_model_config`)."""
@@ -340,14 +391,14 @@ def grpo(config) -> list[dict]:
                                 jax.tree.map(lambda x: x.sharding, state))
     policy_logp = make_policy_logp(graphdef)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    start, position, temperature = 0, 0, float(config.rl.temperature)
+    start, position, temperature, stage = 0, 0, float(config.rl.temperature), 1
     restored = checkpointer.restore_latest(lambda step: checkpointer.restore(step, state))
     if restored is not None:
         start, (state, data_state) = restored
         position = int(data_state["position"])
         temperature = float(data_state.get("temperature", temperature))
+        stage = int(data_state.get("stage", stage))
         logging.warning("resumed GRPO from step %d", start)
-    stream = PromptStream(train_set, config.seed, position)
     logger = MetricsLogger(workdir, start_step=start, total_steps=config.steps)
     rl = config.rl
     overlong = Overlong(rl.max_new_tokens, rl.overlong_cache) if rl.overlong_cache else None
@@ -390,6 +441,32 @@ def grpo(config) -> list[dict]:
                         step, {f"{t:g}": round(s, 4) for t, s in table.items()}, picked)
         return row
 
+    def sample_rewards(problems, n, seed):
+        with jax.set_mesh(mesh):
+            samples = sample_completions(policy(), tokenizer, problems, n=n,
+                                         sampling=SamplingConfig(temperature=temperature),
+                                         thinking=rl.thinking, max_new_tokens=rl.max_new_tokens,
+                                         batch_size=rl.rollout_batch_size, seed=seed)
+        return score_samples(samples, pool)
+
+    stage_set, stage_fallback = train_set, train_set
+    cache = PassCountCache(workdir / "curriculum.jsonl")
+
+    def enter_stage(number, step):
+        """Screens for stage `number` (stage 1 with the starting policy, stage 2 with the
+        policy of the switch step); -> its prompts."""
+        tick = time.perf_counter()
+        chosen, row = curriculum_stage(number, train_set, sample_rewards, cache, config,
+                                       policy_step=0 if number == 1 else rl.curriculum.switch_step)
+        row["screen_seconds"] = time.perf_counter() - tick
+        if not chosen:
+            logging.warning("curriculum stage %d selected no prompt: keeping the previous set",
+                            number)
+        if step >= start:  # not a resumed run rebuilding an earlier stage
+            logger.log(step, row)
+            logged.append({"step": step, **row})
+        return chosen
+
     def rollout(problems, round_index, step):
         with jax.set_mesh(mesh):
             return rollout_groups(policy(), tokenizer, problems, pool, group_size=rl.group_size,
@@ -403,7 +480,16 @@ def grpo(config) -> list[dict]:
     try:
         if heldout and start == 0:
             run_eval(0)
+        if rl.curriculum.enabled:
+            stage_fallback = enter_stage(1, 0 if start == 0 else -1) or train_set[:rl.curriculum.pool]
+            stage_set = stage_fallback
+            if stage == 2:
+                stage_set = enter_stage(2, -1) or stage_fallback
+        stream = PromptStream(stage_set, config.seed + stage - 1, position)
         for step in range(start, config.steps):
+            if rl.curriculum.enabled and stage == 1 and step == rl.curriculum.switch_step > 0:
+                stage = 2
+                stream = PromptStream(enter_stage(2, step) or stage_fallback, config.seed + 1, 0)
             tick = time.perf_counter()
             groups, counts, rounds = collect_groups(
                 stream.draw, lambda problems, r: rollout(problems, r, step),
@@ -412,6 +498,8 @@ def grpo(config) -> list[dict]:
             rollout_seconds = time.perf_counter() - tick
             row = {**counts, **rollout_metrics(rounds, groups), "rollout_seconds": rollout_seconds,
                    "rollout_temperature": temperature}
+            if rl.curriculum.enabled:
+                row["curriculum_stage"] = float(stage)
             row["rollout_tokens_per_second"] = row["generated_tokens"] / rollout_seconds
             tick = time.perf_counter()
             if len(groups):
@@ -447,7 +535,7 @@ def grpo(config) -> list[dict]:
                 logged.append({"step": done, **tuned})
             if done % config.checkpoint_every == 0 or done == config.steps:
                 checkpointer.save(done, state, {"position": stream.position,
-                                                "temperature": temperature})
+                                                "temperature": temperature, "stage": stage})
         checkpointer.wait()
     finally:
         checkpointer.close()
