@@ -124,6 +124,41 @@ def test_an_update_raises_the_log_prob_of_rewarded_completions(rollout):
     assert change[0] > 0 > change[1], change
 
 
+def test_importance_weights_scale_each_tokens_loss(rollout):
+    """Truncated IS for FP8 rollouts: `is_weight` multiplies the per-token loss (detached)."""
+    model = rollout[0]
+    optimizer = optax.sgd(0.0)
+    graphdef, _ = _state(model, optimizer)
+    step = make_grpo_step(graphdef, optimizer, GrpoConfig(aggregation="token-mean"))
+    batch = _batch(rollout)
+    out = {}
+    for name, scale in (("one", 1.0), ("two", 2.0), ("zero", 0.0)):
+        weighted = dict(batch, is_weight=(batch["mask"] * scale).astype(np.float32))
+        _, out[name] = step(_state(model, optimizer)[1], weighted, jax.random.key(0))
+    assert float(out["two"]["pg_loss"]) == pytest.approx(2 * float(out["one"]["pg_loss"]), rel=1e-5)
+    assert float(out["two"]["grad_norm"]) == pytest.approx(2 * float(out["one"]["grad_norm"]),
+                                                           rel=1e-4)
+    assert float(out["zero"]["grad_norm"]) == 0.0 < float(out["one"]["grad_norm"])
+
+
+def test_fp8_rollout_weights_are_requantised_after_an_update(rollout):
+    from glm_jax.infer import quantize_model
+
+    model = rollout[0]
+    optimizer = optax.adam(1e-2)
+    graphdef, state = _state(model, optimizer)
+    before = nnx.state(quantize_model(nnx.merge(graphdef, state.params, state.buffers)), nnx.Param)
+    state, _ = make_grpo_step(graphdef, optimizer, GrpoConfig())(state, _batch(rollout),
+                                                                 jax.random.key(0))
+    policy = nnx.merge(graphdef, state.params, state.buffers)
+    after = nnx.state(quantize_model(policy), nnx.Param)
+    experts = lambda tree: np.asarray(tree["moe_layers"]["mlp"]["experts"]["gate_proj"][...])
+    assert not np.array_equal(experts(before), experts(after))  # the sampler follows the policy
+    # and stays on the FP8 grid rather than taking the policy's float32 values
+    assert not np.array_equal(experts(after), np.asarray(
+        nnx.state(policy, nnx.Param)["moe_layers"]["mlp"]["experts"]["gate_proj"][...]))
+
+
 def test_rollout_batch_refuses_mismatched_rows():
     with pytest.raises(ValueError, match="2 tokens but 1 log-probs"):
         rollout_batch([[1, 2]], [[3, 4]], [[0.0]], [1.0], seq_len=8)

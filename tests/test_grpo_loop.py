@@ -141,3 +141,14 @@ def test_starting_policy_reads_a_hugging_face_directory(policy_dir, odd_length_r
     loaded, tokenizer = starting_policy(config, training_mesh(config))
     assert tokenizer.get_vocab() == workdir_tokenizer.get_vocab()
     chex.assert_trees_all_close(nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))
+
+
+def test_fp8_rollouts_log_the_mismatch_and_weight_it(policy_dir, odd_length_reward, tmp_path):
+    config = _config(policy_dir, odd_length_reward, tmp_path / "fp8", steps=1)
+    config.rl.fp8_rollouts, config.rl.tis_cap = True, 2.0
+    config.rl.curriculum.enabled, config.rl.dynamic_temperature.every = False, 0
+    config.eval.task = ""
+    (row,) = [r for r in grpo(config) if "reward_mean" in r]
+    assert row["rollout_logp_mismatch"] > 0  # FP8 sampler vs float32 trainer
+    assert 0 < row["is_weight_mean"] <= 2.0 and 0 <= row["is_capped_frac"] < 1
+    assert row["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # old_logp is the trainer's own

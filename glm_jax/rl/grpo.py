@@ -123,6 +123,8 @@ def grpo_step(graphdef, state: TrainState, batch, rng, *, optimizer, config: Grp
         per_token = token_policy_loss(logp, micro["old_logp"], micro["advantages"],
                                       eps_low=config.eps_low, eps_high=config.eps_high,
                                       clip_c=config.clip_c)
+        if "is_weight" in micro:  # truncated importance sampling for a mismatched sampler
+            per_token = per_token * jax.lax.stop_gradient(micro["is_weight"])
         kl = jnp.zeros_like(logp)
         if config.kl_beta:
             reference = nnx.merge(graphdef, ref_params, state.buffers)

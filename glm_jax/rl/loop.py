@@ -36,6 +36,7 @@ from glm_jax.convert import load_hf
 from glm_jax.data.tokenizer import check_chat_tokens, load_tokenizer
 from glm_jax.errors import ConfigError
 from glm_jax.infer.engine import SamplingConfig
+from glm_jax.infer.fp8 import quantize_model
 from glm_jax.rl.curriculum import (PassCountCache, count_correct, pick_temperature,
                                    select_hard_prompts, select_moderate_prompts)
 from glm_jax.rl.evaluate import (evaluate_tasks, pass_at_k, prompt_ids, sample_completions,
@@ -91,6 +92,11 @@ def grpo_base_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
         rollout_batch_size=64,  # rows per generation call
         updates_per_batch=1,
         recompute_old_logp=False,  # old_logp from the trainer's forward instead of the sampler
+        # FP8 rollouts (the report): the sampler runs on the policy re-quantised block-wise to
+        # FP8 after every update; old_logp is recomputed by the trainer, and each token's loss
+        # is weighted by min(exp(old_logp - rollout_logp), tis_cap) (truncated IS, detached).
+        fp8_rollouts=False,
+        tis_cap=2.0,
         clip_c=0.0,  # dual clip (> 1), 0 = off
         bias_rate=0.0,  # MoE balance-bias updates during RL (0 = frozen)
         reward_workers=2,
@@ -126,6 +132,7 @@ def validate_grpo(config) -> None:
     config_lib.check_int(config, "rl.overlong_cache", 0)
     config_lib.check_int(config, "rl.reward_workers", 0)
     config_lib.check_float(config, "rl.temperature", positive=True)
+    config_lib.check_float(config, "rl.tis_cap", positive=True)
     dynamic = rl.dynamic_temperature
     config_lib.check_int(config, "rl.dynamic_temperature.every", 0)
     config_lib.check_int(config, "rl.dynamic_temperature.samples", 1)
@@ -316,6 +323,19 @@ def _padded_batch(groups: Groups, advantages, config, temperature) -> dict[str, 
         temperature=temperature)
 
 
+def _importance_weights(batch, rollout_logp, cap: float) -> dict[str, float]:
+    """Puts the truncated importance weights min(exp(old_logp - rollout_logp), cap) into
+    `batch["is_weight"]`; -> the sampler/trainer mismatch metrics over the completion tokens."""
+    mask = batch["mask"]
+    diff = (batch["old_logp"] - rollout_logp) * mask
+    raw = np.exp(np.clip(diff, -20.0, 20.0))
+    batch["is_weight"] = (np.minimum(raw, cap) * mask).astype(np.float32)
+    tokens = max(float(mask.sum()), 1.0)
+    return dict(rollout_logp_mismatch=float(np.abs(diff).sum() / tokens),
+                is_weight_mean=float(batch["is_weight"].sum() / tokens),
+                is_capped_frac=float(((raw > cap) * mask).sum() / tokens))
+
+
 def rollout_metrics(rounds: list[Groups], kept: Groups) -> dict[str, float]:
     """Over every completion sampled this step (all rounds), and the kept groups' rewards."""
     scores = np.concatenate([r.scores for r in rounds])
@@ -408,6 +428,10 @@ def grpo(config) -> list[dict]:
     def policy():
         return nnx.merge(graphdef, state.params, state.buffers)  # the live arrays, no copy
 
+    def sampler():
+        """The rollouts' model: the policy, or (fp8_rollouts) it re-quantised to FP8 now."""
+        return quantize_model(policy()) if rl.fp8_rollouts else policy()
+
     def run_eval(step):
         tick = time.perf_counter()
         with jax.set_mesh(mesh):
@@ -443,7 +467,7 @@ def grpo(config) -> list[dict]:
 
     def sample_rewards(problems, n, seed):
         with jax.set_mesh(mesh):
-            samples = sample_completions(policy(), tokenizer, problems, n=n,
+            samples = sample_completions(sampler(), tokenizer, problems, n=n,
                                          sampling=SamplingConfig(temperature=temperature),
                                          thinking=rl.thinking, max_new_tokens=rl.max_new_tokens,
                                          batch_size=rl.rollout_batch_size, seed=seed)
@@ -469,7 +493,7 @@ def grpo(config) -> list[dict]:
 
     def rollout(problems, round_index, step):
         with jax.set_mesh(mesh):
-            return rollout_groups(policy(), tokenizer, problems, pool, group_size=rl.group_size,
+            return rollout_groups(sampler(), tokenizer, problems, pool, group_size=rl.group_size,
                                   sampling=SamplingConfig(temperature=temperature),
                                   thinking=rl.thinking,
                                   max_new_tokens=rl.max_new_tokens,
@@ -507,8 +531,11 @@ def grpo(config) -> list[dict]:
                                               scale_by_std=rl.scale_by_std)
                 batch = _padded_batch(groups, advantages, config, temperature)
                 with jax.set_mesh(mesh):
-                    if rl.recompute_old_logp:
+                    if rl.recompute_old_logp or rl.fp8_rollouts:
+                        rollout_logp = batch["old_logp"]
                         batch["old_logp"] = np.asarray(policy_logp(state, batch))
+                        if rl.fp8_rollouts:
+                            row.update(_importance_weights(batch, rollout_logp, rl.tis_cap))
                     for update in range(rl.updates_per_batch):
                         rng = jax.random.fold_in(jax.random.key(config.seed),
                                                  step * rl.updates_per_batch + update)
