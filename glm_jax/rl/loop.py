@@ -15,6 +15,10 @@ run would have. Single-process (one host, its local devices).
 Presets (`configs/grpo_*.py:NAME`): `grpo` (GLM-4.5: no KL, eps 0.2 / 0.2, token-mean when
 the task is code, else seq-mean-token-mean), `dapo` (clip-higher 0.2 / 0.28, token-mean,
 dynamic sampling, overlong shaping), `dr_grpo` (no std scaling, seq-mean-token-scale).
+
+GLM-4.5's recipe, each off by default: `rl.curriculum` (two stages by difficulty),
+`rl.dynamic_temperature` (the rollout temperature re-chosen on held-out scores) and
+`rl.fp8_rollouts` (the sampler on the policy re-quantised to FP8, truncated importance weights).
 """
 
 from __future__ import annotations
