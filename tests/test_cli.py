@@ -12,9 +12,6 @@ from flax import nnx
 from glm_jax import GlmMoeModel, ModelConfig, save_hf
 from glm_jax.data import train_bpe
 
-# Its module fixtures are costly: one xdist worker builds them once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("cli")
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):

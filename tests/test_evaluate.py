@@ -25,9 +25,6 @@ from glm_jax.rl import pass_at_k
 from glm_jax.rl.distill import Candidate, select_for_distillation, to_record, write_jsonl
 from glm_jax.rl.evaluate import Samples, bits_per_byte, task_metrics
 
-# Its module fixtures are costly: one xdist worker builds them once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("evaluate")
-
 
 def _pass_at_k_by_enumeration(n, c, k):
     """The definition: the fraction of k-subsets of the n samples holding a correct one."""

@@ -15,9 +15,6 @@ from glm_jax import GlmMoeModel, InputError, ModelConfig, sharding
 from glm_jax.infer import ChatSession, SamplingConfig, generate, sample, stream
 from glm_jax.model.cache import KVCache
 
-# Its module fixtures are costly: one xdist worker builds them once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("generate")
-
 CONFIG = ModelConfig.preset("tiny")
 PROMPTS = [[5, 17, 300, 42, 9, 77, 1], [400, 3, 250]]
 GREEDY = SamplingConfig(temperature=0.0)

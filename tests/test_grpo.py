@@ -16,9 +16,6 @@ from glm_jax.rl.grpo import GrpoConfig, make_grpo_step, make_policy_logp, rollou
 from glm_jax.rl.objectives import AGGREGATIONS
 from glm_jax.train.step import TrainState
 
-# Its module fixtures are costly: one xdist worker builds them once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("grpo")
-
 CONFIG = ModelConfig.preset("tiny")
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18]]
 TEMPERATURE = 0.7

@@ -17,9 +17,6 @@ from glm_jax.rl.curriculum import pick_temperature
 from glm_jax.rl.loop import grpo, grpo_base_config
 from glm_jax.train.sft import sft
 
-# Its module fixtures are costly: one xdist worker builds them once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("grpo_loop")
-
 TIMING = ("_seconds", "_per_second")
 
 

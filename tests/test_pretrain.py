@@ -20,9 +20,6 @@ from glm_jax.data import load_tokenizer
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.loop import load_workdir, pretrain
 
-# Its module fixtures are costly: one xdist worker builds them once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("pretrain")
-
 
 def _config(workdir, steps):
     config = pretrain_tiny.get_config()

@@ -17,9 +17,6 @@ from glm_jax.errors import InputError
 from glm_jax.infer.chat import render_chat
 from glm_jax.rl.rewards import get_reward
 
-# Its module fixtures are costly: one xdist worker builds them once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("sft")
-
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "weather", "description": "Weather of a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}

@@ -12,9 +12,6 @@ from flax import nnx
 from glm_jax import GlmMoeModel, InputError, ModelConfig, load_hf, save_hf
 from glm_jax import sharding
 
-# Its module fixtures are costly: one xdist worker builds them once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("sharding")
-
 CONFIG = ModelConfig.preset("tiny")
 MESHES = [{"data": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2},
           {"expert": 8}]

@@ -12,9 +12,6 @@ from glm_jax import GlmMoeModel, InputError, ModelConfig
 from glm_jax.train.balance import balance_bias_update, max_violation
 from glm_jax.train.step import StepConfig, TrainState, make_train_step, mtp_targets
 
-# Its module fixtures are costly: one xdist worker builds them once (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("train_step")
-
 CONFIG = ModelConfig.preset("tiny")
 
 
