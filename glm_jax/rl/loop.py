@@ -43,8 +43,7 @@ from glm_jax.infer.engine import SamplingConfig
 from glm_jax.infer.fp8 import quantize_model
 from glm_jax.rl.curriculum import (PassCountCache, count_correct, pick_temperature,
                                    select_hard_prompts, select_moderate_prompts)
-from glm_jax.rl.evaluate import (evaluate_tasks, pass_at_k, prompt_ids, sample_completions,
-                                 score_samples)
+from glm_jax.rl.evaluate import evaluate_tasks, pass_at_k, prompt_ids
 from glm_jax.rl.grpo import GrpoConfig, make_grpo_step, make_policy_logp, rollout_batch
 from glm_jax.rl.objectives import group_advantages
 from glm_jax.rl.rewards import RewardPool
@@ -53,7 +52,7 @@ from glm_jax.train import config as config_lib
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.loop import (MODEL_CONFIG_FILE, build_optimizer, load_workdir,
                                 save_model_config, training_mesh)
-from glm_jax.train.metrics import MetricsLogger, write_reward_curve
+from glm_jax.train.metrics import MetricsLogger, read_records, write_reward_curve
 from glm_jax.train.step import TrainState
 
 PRESETS = {
@@ -471,11 +470,10 @@ def grpo(config) -> list[dict]:
 
     def sample_rewards(problems, n, seed):
         with jax.set_mesh(mesh):
-            samples = sample_completions(sampler(), tokenizer, problems, n=n,
-                                         sampling=SamplingConfig(temperature=temperature),
-                                         thinking=rl.thinking, max_new_tokens=rl.max_new_tokens,
-                                         batch_size=rl.rollout_batch_size, seed=seed)
-        return score_samples(samples, pool)
+            return rollout_groups(sampler(), tokenizer, problems, pool, group_size=n,
+                                  sampling=SamplingConfig(temperature=temperature),
+                                  thinking=rl.thinking, max_new_tokens=rl.max_new_tokens,
+                                  batch_size=rl.rollout_batch_size, seed=seed).scores
 
     stage_set, stage_fallback = train_set, train_set
     cache = PassCountCache(workdir / "curriculum.jsonl")
@@ -585,17 +583,7 @@ def _committed(state, mesh):
 
 def _curve_rows(workdir: Path, start: int) -> list[dict]:
     """The reward-curve points a resumed run already logged (metrics.jsonl up to `start`)."""
-    import json
-
-    path = workdir / "metrics.jsonl"
-    rows = []
-    if start and path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", start + 1) <= start and (
-                    "eval_reward" in record or "reward_mean" in record):
-                rows.append(record)
-    return rows
+    if not start:
+        return []
+    return [r for r in read_records(workdir / "metrics.jsonl", start)
+            if "eval_reward" in r or "reward_mean" in r]

@@ -64,19 +64,31 @@ class MetricsLogger:
             self.tensorboard.close()
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Keeps the records up to `step`; a line cut short by a kill or a full disk is dropped."""
-    if not path.exists():
-        return
-    kept = []
+def _records(path: Path):
+    """(line, record) for each JSON object line of `path`; a line cut short by a kill or a full
+    disk is skipped with a warning."""
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             logging.warning("%s:%d: dropping a partly written line", path, number)
             continue
-        if isinstance(record, dict) and record.get("step", step + 1) <= step:
-            kept.append(line)
+        if isinstance(record, dict):
+            yield line, record
+
+
+def read_records(path: Path, up_to_step: int) -> list[dict]:
+    """The records of a metrics.jsonl with a `step` <= `up_to_step` (none if it is missing)."""
+    if not path.exists():
+        return []
+    return [r for _, r in _records(path) if r.get("step", up_to_step + 1) <= up_to_step]
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keeps the records up to `step`; a partly written line is dropped."""
+    if not path.exists():
+        return
+    kept = [line for line, record in _records(path) if record.get("step", step + 1) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
@@ -109,11 +121,7 @@ def write_load_heatmap(load: np.ndarray, path: Path, step: int) -> None:
     image = ax.imshow(relative, aspect="auto", cmap="viridis")
     ax.set(xlabel="expert", ylabel="MoE layer", title=f"expert load / mean, step {step}")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_figure(fig, path)
 
 
 def write_reward_curve(rows: list[dict], path: Path) -> None:
@@ -129,6 +137,13 @@ def write_reward_curve(rows: list[dict], path: Path) -> None:
             ax.plot(*zip(*points), label=name, **style)
     ax.set(xlabel="step", ylabel="reward", title="GRPO reward")
     ax.legend()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Written beside `path` and renamed over it: a reader never sees a half-written PNG."""
+    from matplotlib import pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
