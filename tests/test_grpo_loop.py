@@ -143,9 +143,12 @@ def test_starting_policy_reads_a_hugging_face_directory(policy_dir, odd_length_r
     chex.assert_trees_all_close(nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))
 
 
-def test_fp8_rollouts_log_the_mismatch_and_weight_it(policy_dir, odd_length_reward, tmp_path):
+@pytest.mark.parametrize("replay", [False, True], ids=["own_routing", "routing_replay"])
+def test_fp8_rollouts_log_the_mismatch_and_weight_it(policy_dir, odd_length_reward, tmp_path,
+                                                     replay):
     config = _config(policy_dir, odd_length_reward, tmp_path / "fp8", steps=1)
     config.rl.fp8_rollouts, config.rl.tis_cap = True, 2.0
+    config.rl.routing_replay = replay
     config.rl.curriculum.enabled, config.rl.dynamic_temperature.every = False, 0
     config.eval.task = ""
     (row,) = [r for r in grpo(config) if "reward_mean" in r]

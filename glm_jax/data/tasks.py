@@ -1,5 +1,6 @@
 """A built-in family of verifiable tasks, small enough for a tiny model on a CPU: multi-digit
-addition, sorting a short list, and computing a product through a calculator tool.
+addition, sorting a short list, calling a calculator tool for a product, and answering with
+the product the calculator returned (a multi-turn episode: call, tool response, answer).
 
 Every problem is generated deterministically from (kind, operands) and has a reasoning trace
 (the think block), a final answer, the name of the reward that checks it and the reward's
@@ -7,6 +8,9 @@ reference. A problem's split is a hash of its canonical key, so the train and he
 never share a problem, whatever the seeds. `conversation(problem, thinking=...)` renders it as
 an OpenAI-style chat for SFT; non-thinking conversations carry an empty reasoning (the template
 then renders `<think></think>`, and `/nothink` goes on the user turn).
+
+The first kinds share one random stream; every kind added after them draws from its own, so
+adding a kind leaves the problems of the others as they were (same keys, same order).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import hashlib
 import random
 from typing import Any, Iterator
 
-KINDS = ("add", "sort", "calculator")
+KINDS = ("add", "sort", "calculator", "calculator_answer")
+_SHARED_STREAM_KINDS = ("add", "sort", "calculator")  # one stream, as before kinds were added
 HELDOUT_PERCENT = 10
 CALCULATOR_TOOL = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluates an arithmetic expression.",
@@ -35,6 +40,10 @@ class Problem:
     reference: Any  # what that reward compares against
     tools: tuple = ()  # tool definitions offered in the system part
     tool_calls: tuple = ()  # the worked answer's tool calls
+    # Multi-turn worked answers: the responses to `tool_calls`, after which a second assistant
+    # turn (`answer_reasoning`, then `answer`) answers; the first turn only calls.
+    tool_results: tuple = ()
+    answer_reasoning: str = ""
 
     @property
     def split(self) -> str:
@@ -76,6 +85,18 @@ def _calculator(rng: random.Random) -> Problem:
                    tool_calls=(call,))
 
 
+def _calculator_answer(rng: random.Random) -> Problem:
+    a, b = rng.randrange(10, 1000), rng.randrange(10, 100)
+    expression, product = f"{a} * {b}", a * b
+    call = {"name": "calculator", "arguments": {"expression": expression}}
+    return Problem(key=f"calc_answer:{a}*{b}", kind="calculator_answer",
+                   prompt=f"What is {a} times {b}? Use the calculator.",
+                   reasoning=f"I call the calculator with {expression}.",
+                   answer=f"\\boxed{{{product}}}", reward="math", reference=str(product),
+                   tools=(CALCULATOR_TOOL,), tool_calls=(call,), tool_results=(str(product),),
+                   answer_reasoning=f"The calculator returned {product}.")
+
+
 def _draw(kind: str, rng: random.Random) -> Problem:
     if kind == "add":
         return _add(rng, rng.choice((2, 3)))
@@ -83,6 +104,8 @@ def _draw(kind: str, rng: random.Random) -> Problem:
         return _sort(rng, rng.choice((3, 4, 5)))
     if kind == "calculator":
         return _calculator(rng)
+    if kind == "calculator_answer":
+        return _calculator_answer(rng)
     raise ValueError(f"unknown task kind {kind!r}; the kinds are {KINDS}")
 
 
@@ -90,11 +113,14 @@ def problems(split: str, count: int, *, kinds=KINDS, seed: int = 0) -> list[Prob
     """`count` distinct problems of `split` ("train" or "heldout"), kinds in turn."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    rng = random.Random(f"{seed}:{split}")
+    shared = random.Random(f"{seed}:{split}")
+    own = {kind: random.Random(f"{seed}:{split}:{kind}") for kind in kinds
+           if kind not in _SHARED_STREAM_KINDS}
     out, seen = [], set()
     for kind in _cycle(kinds):
         if len(out) == count:
             return out
+        rng = own.get(kind, shared)
         for _ in range(10_000):
             problem = _draw(kind, rng)
             if problem.split == split and problem.key not in seen:
@@ -116,12 +142,19 @@ def prompt_messages(problem: Problem) -> list[dict]:
 
 
 def conversation(problem: Problem, *, thinking: bool = True) -> dict:
-    """The worked problem as {"messages", "tools"} (the SFT JSONL record format)."""
-    assistant = {"role": "assistant", "content": problem.answer,
+    """The worked problem as {"messages", "tools"} (the SFT JSONL record format); with
+    `tool_results`, the call turn, the tool responses and the answer turn."""
+    multi_turn = bool(problem.tool_results)
+    assistant = {"role": "assistant", "content": "" if multi_turn else problem.answer,
                  "reasoning_content": problem.reasoning if thinking else ""}
     if problem.tool_calls:
         assistant["tool_calls"] = [{"function": dict(call)} for call in problem.tool_calls]
-    record = {"messages": prompt_messages(problem) + [assistant], "thinking": thinking}
+    messages = prompt_messages(problem) + [assistant]
+    if multi_turn:
+        messages += [{"role": "tool", "content": result} for result in problem.tool_results]
+        messages.append({"role": "assistant", "content": problem.answer,
+                         "reasoning_content": problem.answer_reasoning if thinking else ""})
+    record = {"messages": messages, "thinking": thinking}
     if problem.tools:
         record["tools"] = list(problem.tools)
     return record

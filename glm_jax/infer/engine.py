@@ -70,6 +70,9 @@ class Generation(NamedTuple):
     tokens: np.ndarray  # [B, max_new_tokens] int32, `pad_id` after a row stopped
     logprobs: np.ndarray  # [B, max_new_tokens] float32, 0 after a row stopped
     lengths: np.ndarray  # [B] int32 generated tokens per row, a stop token included
+    # With record_routing: per row, the experts every MoE layer chose for each of its tokens,
+    # prompt then generation, [len(prompt) + length, MoE layers, k] (for routing replay).
+    routing: tuple[np.ndarray, ...] | None = None
 
 
 def sample(logits, keys, sampling: SamplingConfig):
@@ -138,30 +141,52 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | Non
     return ids, valid
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
-def prefill(graphdef, state, ids, cache, valid):
-    """Runs ids [B, S] into the next S slots of `cache` -> (last logits [B, V], cache)."""
+def routing_dtype(config):
+    """Recorded expert ids in one byte when the experts fit (GLM-4.5: 160)."""
+    return jnp.uint8 if config.n_routed_experts <= 256 else jnp.int32
+
+
+def _expert_ids(out, config):
+    """[B, S, MoE layers, k] expert ids of a forward, or an empty array for a dense model."""
+    if out.moe_stats is None:
+        return jnp.zeros((*out.logits.shape[:2], 0, config.num_experts_per_tok), jnp.int32)
+    return jnp.moveaxis(out.moe_stats.expert_ids, 0, 2).astype(routing_dtype(config))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(3,))
+def prefill(graphdef, state, ids, cache, valid, record_routing=False):
+    """Runs ids [B, S] into the next S slots of `cache` -> (last logits [B, V], cache), and
+    with `record_routing` the prompt's expert ids [B, S, MoE layers, k]."""
     TRACES["prefill"] += 1
-    out, cache = nnx.merge(graphdef, state).forward_cached(ids, cache, valid=valid)
+    model = nnx.merge(graphdef, state)
+    out, cache = model.forward_cached(ids, cache, valid=valid)
+    if record_routing:
+        return out.logits[:, -1], cache, _expert_ids(out, model.config)
     return out.logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
-def decode(graphdef, state, cache, logits, keys, traced, static, width):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(2,))
+def decode(graphdef, state, cache, logits, keys, traced, static, width, record_routing=False):
     """Samples up to `max_new_tokens` (traced) tokens per row into a [B, width] buffer; every
     sampled token is fed back, so the returned cache holds prompt + generation.
-    `traced` = (temperature, top_p, max_new_tokens, pad_id, stop_tokens [n])."""
+    `traced` = (temperature, top_p, max_new_tokens, pad_id, stop_tokens [n]).
+    -> (tokens, logprobs, lengths, cache, routing [B, width, MoE layers, k] or None): with
+    `record_routing`, the experts chosen for each sampled token when it was fed back."""
     TRACES["decode"] += 1
     temperature, top_p, max_new_tokens, pad_id, stop_tokens = traced
     model = nnx.merge(graphdef, state)
+    config = model.config
     batch = logits.shape[0]
+    layers = config.num_moe_layers if record_routing else 0
+    routing = jnp.zeros((batch, width, layers, config.num_experts_per_tok),
+                        routing_dtype(config))
 
     def cond(carry):
         step, _, _, done, *_ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, logits, done, tokens, logprobs, lengths = carry
+        step, cache, logits, done, tokens, logprobs, lengths, routing = carry
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
         token, logprob = _sample(logits, step_keys, (temperature, top_p), static)
         token = jnp.where(done, pad_id, token)
@@ -171,13 +196,16 @@ def decode(graphdef, state, cache, logits, keys, traced, static, width):
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, stop_tokens)
         out, cache = model.forward_cached(token[:, None], cache)
-        return step + 1, cache, out.logits[:, 0], done, tokens, logprobs, lengths
+        if record_routing:
+            routing = jax.lax.dynamic_update_slice_in_dim(routing, _expert_ids(out, config),
+                                                          step, 1)
+        return step + 1, cache, out.logits[:, 0], done, tokens, logprobs, lengths, routing
 
     carry = (jnp.zeros((), jnp.int32), cache, logits, jnp.zeros((batch,), bool),
              jnp.full((batch, width), pad_id, jnp.int32), jnp.zeros((batch, width), jnp.float32),
-             jnp.zeros((batch,), jnp.int32))
-    _, cache, _, _, tokens, logprobs, lengths = jax.lax.while_loop(cond, body, carry)
-    return tokens, logprobs, lengths, cache
+             jnp.zeros((batch,), jnp.int32), routing)
+    _, cache, _, _, tokens, logprobs, lengths, routing = jax.lax.while_loop(cond, body, carry)
+    return tokens, logprobs, lengths, cache, (routing if record_routing else None)
 
 
 def stop_array(stop_tokens: Sequence[int]) -> jax.Array:
@@ -193,31 +221,41 @@ def seed_keys(seeds, batch: int):
     return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
 
 
-def _start(model: GlmMoeModel, prompts, max_new_tokens, seeds, pad_id):
+def _start(model: GlmMoeModel, prompts, max_new_tokens, seeds, pad_id, record_routing=False):
     """Validates, left-pads to a bucketed width and prefills into a cache with room for a
-    bucketed token buffer -> (graphdef, state, cache, last logits, keys, buffer width)."""
+    bucketed token buffer -> (graphdef, state, cache, last logits, keys, buffer width, the
+    prompts' expert ids [B, padded width, L, k] or None)."""
     check_prompts(prompts, model.config, max_new_tokens)
     keys = seed_keys(seeds, len(prompts))
     width = bucket(max_new_tokens)
     ids, valid = left_pad(prompts, pad_id, bucket(max(len(p) for p in prompts)))
     cache = KVCache.create(model.config, len(prompts), bucket(ids.shape[1] + width))
     graphdef, state = nnx.split(model)
-    logits, cache = prefill(graphdef, state, jnp.asarray(ids), cache, jnp.asarray(valid))
-    return graphdef, state, cache, logits, keys, width
+    out = prefill(graphdef, state, jnp.asarray(ids), cache, jnp.asarray(valid), record_routing)
+    logits, cache, prompt_routing = out if record_routing else (*out, None)
+    return graphdef, state, cache, logits, keys, width, prompt_routing
 
 
 def generate(model: GlmMoeModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
-             seeds: Sequence[int] | None = None, pad_id: int = 0) -> Generation:
-    """Samples up to `max_new_tokens` after each prompt; a row stops at its first stop token."""
-    graphdef, state, cache, logits, keys, width = _start(model, prompts, max_new_tokens, seeds,
-                                                         pad_id)
+             seeds: Sequence[int] | None = None, pad_id: int = 0,
+             record_routing: bool = False) -> Generation:
+    """Samples up to `max_new_tokens` after each prompt; a row stops at its first stop token.
+    `record_routing` also returns every token's selected experts (`Generation.routing`)."""
+    graphdef, state, cache, logits, keys, width, prompt_routing = _start(
+        model, prompts, max_new_tokens, seeds, pad_id, record_routing)
     traced = (*sampling.traced, jnp.int32(max_new_tokens), jnp.int32(pad_id),
               stop_array(stop_tokens))
-    tokens, logprobs, lengths, _ = decode(graphdef, state, cache, logits, keys, traced,
-                                          sampling.static, width)
-    tokens, logprobs, lengths = jax.device_get((tokens, logprobs, lengths))
-    return Generation(tokens[:, :max_new_tokens], logprobs[:, :max_new_tokens], lengths)
+    tokens, logprobs, lengths, _, routing = decode(graphdef, state, cache, logits, keys, traced,
+                                                   sampling.static, width, record_routing)
+    tokens, logprobs, lengths, routing, prompt_routing = jax.device_get(
+        (tokens, logprobs, lengths, routing, prompt_routing))
+    rows = None
+    if record_routing:
+        padded = prompt_routing.shape[1]
+        rows = tuple(np.concatenate([prompt_routing[i, padded - len(p):],
+                                     routing[i, :lengths[i]]]) for i, p in enumerate(prompts))
+    return Generation(tokens[:, :max_new_tokens], logprobs[:, :max_new_tokens], lengths, rows)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
@@ -233,7 +271,8 @@ def stream(model: GlmMoeModel, prompt: Sequence[int], *, max_new_tokens: int,
            seed: int = 0) -> Iterator[int]:
     """Yields tokens of one prompt as they are decoded (for interactive use); the same tokens
     as `generate` with the same seed. Bad input raises here, not at the first token."""
-    graphdef, state, cache, logits, keys, _ = _start(model, [prompt], max_new_tokens, [seed], 0)
+    graphdef, state, cache, logits, keys, _, _ = _start(model, [prompt], max_new_tokens, [seed],
+                                                        0)
 
     def tokens(cache, logits):
         for step in range(max_new_tokens):

@@ -58,8 +58,8 @@ class ChatSession:
                                 jnp.asarray(valid))
         traced = (*self.sampling.traced, jnp.int32(max_new_tokens), jnp.int32(0), self.stops)
         keys = seed_keys([self.seed + self.turns], 1)
-        tokens, _, lengths, self.cache = decode(self.graphdef, self.state, cache, logits, keys,
-                                                traced, self.sampling.static, out_width)
+        tokens, _, lengths, self.cache, _ = decode(self.graphdef, self.state, cache, logits,
+                                                   keys, traced, self.sampling.static, out_width)
         tokens, lengths = jax.device_get((tokens, lengths))
         generated = tokens[0, :lengths[0]].tolist()
         # Every generated token was fed back into the cache.

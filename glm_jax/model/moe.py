@@ -25,6 +25,7 @@ class RouterBias(nnx.Variable):
 class MoeStats(NamedTuple):
     tokens_per_expert: jax.Array  # [E] int32: routed token copies per expert in this batch
     seq_aux_loss: jax.Array  # [] float32: DeepSeek-V3 sequence-wise balance loss (unweighted)
+    expert_ids: jax.Array  # [B, S, k] int32: each token's selected experts (routing replay)
 
 
 class Router(nnx.Module):
@@ -56,15 +57,23 @@ def swiglu_experts(x_mh, group_sizes, gate, up, down, dtype):
     return kernels.gmm(jax.nn.silu(g) * u, down.astype(dtype), group_sizes)
 
 
-def routed_experts(x_th, router, bias, gate, up, down, cfg: ModelConfig, first_expert=0):
+def routed_experts(x_th, router, bias, gate, up, down, cfg: ModelConfig, first_expert=0,
+                   replay_ids=None):
     """Routes every token over all E experts, runs the copies that go to the experts held here
     (`gate.shape[0]` of them, from `first_expert` on) and sums them weighted per token.
+    `replay_ids` [T, k] (routing replay): use these experts instead of choosing; the weights
+    still come from the current router's scores, so the router keeps its gradient.
     -> (out [T, H] float32, router logits [T, E], expert ids [T, k], tokens_per_expert [E])."""
     k = cfg.num_experts_per_tok
     logits = x_th.astype(jnp.float32) @ router.astype(jnp.float32)  # [T, E], always float32
-    weights, expert_ids, tokens_per_expert = kernels.route(
-        logits, bias, top_k=k, n_group=cfg.n_group, topk_group=cfg.topk_group,
-        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+    if replay_ids is None:
+        weights, expert_ids, tokens_per_expert = kernels.route(
+            logits, bias, top_k=k, n_group=cfg.n_group, topk_group=cfg.topk_group,
+            norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+    else:
+        weights, expert_ids, tokens_per_expert = kernels.replay_route(
+            logits, replay_ids, norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor)
     num_local = gate.shape[0]
     local_ids = expert_ids - first_expert
     here = (local_ids >= 0) & (local_ids < num_local)
@@ -88,29 +97,32 @@ class MoE(nnx.Module):
                 config=config, rngs=rngs)
             if config.n_shared_experts else None)
 
-    def __call__(self, x_bsh) -> tuple[jax.Array, MoeStats]:
+    def __call__(self, x_bsh, replay_ids=None) -> tuple[jax.Array, MoeStats]:
+        """`replay_ids` [B, S, k]: routing replay (see `routed_experts`)."""
         weights = (self.gate.kernel[...], self.gate.e_score_correction_bias[...],
                    self.experts.gate_proj[...], self.experts.up_proj[...],
                    self.experts.down_proj[...])
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
-            out, stats = _moe_local(x_bsh, *weights, cfg=self.config)
+            out, stats = _moe_local(x_bsh, *weights, replay_ids, cfg=self.config)
         else:
-            out, stats = _moe_sharded(x_bsh, *weights, cfg=self.config, mesh=mesh)
+            out, stats = _moe_sharded(x_bsh, *weights, replay_ids, cfg=self.config, mesh=mesh)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_bsh)
         return out, stats
 
 
-def _moe_local(x_bsh, router, bias, gate, up, down, *, cfg):
+def _moe_local(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg):
     b, s, h = x_bsh.shape
+    replay = None if replay_ids is None else replay_ids.reshape(b * s, -1)
     out, logits, ids, counts = routed_experts(x_bsh.reshape(b * s, h), router, bias, gate, up,
-                                              down, cfg)
-    aux = sequence_aux_loss(logits.reshape(b, s, -1), ids.reshape(b, s, -1))
-    return out.reshape(b, s, h).astype(x_bsh.dtype), MoeStats(counts, aux)
+                                              down, cfg, replay_ids=replay)
+    ids = ids.reshape(b, s, -1)
+    aux = sequence_aux_loss(logits.reshape(b, s, -1), ids)
+    return out.reshape(b, s, h).astype(x_bsh.dtype), MoeStats(counts, aux, ids)
 
 
-def _moe_sharded(x_bsh, router, bias, gate, up, down, *, cfg, mesh):
+def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh):
     """Expert parallelism with shard_map: each device holds E / n_expert experts (and a 1 /
     n_tensor slice of their width). Tokens, split over the data axes, are all-gathered along
     `expert`, each device runs the copies routed to its own experts, and a reduce-scatter along
@@ -126,32 +138,42 @@ def _moe_sharded(x_bsh, router, bias, gate, up, down, *, cfg, mesh):
     expert_axis = "expert" if n_expert > 1 else None
     tensor_axis = "tensor" if n_tensor > 1 else None
 
-    def local(x, router, bias, gate, up, down):
+    def local(x, router, bias, gate, up, down, replay):
+        own = x.shape[0]
         if tokens_split and expert_axis:
             x = jax.lax.all_gather(x, expert_axis, axis=0, tiled=True)
+            if replay is not None:
+                replay = jax.lax.all_gather(replay, expert_axis, axis=0, tiled=True)
         bl = x.shape[0]
         first = jax.lax.axis_index(expert_axis) * gate.shape[0] if expert_axis else 0
-        out, logits, ids, counts = routed_experts(x.reshape(bl * s, h), router, bias, gate, up,
-                                                  down, cfg, first)
+        out, logits, ids, counts = routed_experts(
+            x.reshape(bl * s, h), router, bias, gate, up, down, cfg, first,
+            None if replay is None else replay.reshape(bl * s, -1))
         out = out.reshape(bl, s, h)
+        ids = ids.reshape(bl, s, -1)
+        own_ids = ids
+        if tokens_split and expert_axis:  # this device's own tokens, as it received them
+            own_ids = jax.lax.dynamic_slice_in_dim(
+                ids, jax.lax.axis_index(expert_axis) * own, own, axis=0)
         if tensor_axis:
             out = jax.lax.psum(out, tensor_axis)
         if expert_axis:
             out = (jax.lax.psum_scatter(out, expert_axis, scatter_dimension=0, tiled=True)
                    if tokens_split else jax.lax.psum(out, expert_axis))
-        aux = sequence_aux_loss(logits.reshape(bl, s, -1), ids.reshape(bl, s, -1))
+        aux = sequence_aux_loss(logits.reshape(bl, s, -1), ids)
         if tokens_split and data_axes:
             counts = jax.lax.psum(counts, data_axes)
             aux = jax.lax.pmean(aux, data_axes)
-        return out.astype(x.dtype), counts, aux
+        return out.astype(x.dtype), counts, aux, own_ids
 
     weight_spec = P(expert_axis, None, tensor_axis)
-    out, counts, aux = jax.shard_map(
+    out, counts, aux, ids = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(x_spec, P(), P(), weight_spec, weight_spec, P(expert_axis, tensor_axis, None)),
-        out_specs=(x_spec, P(), P()), check_vma=False,
-    )(x_bsh, router, bias, gate, up, down)
-    return out, MoeStats(counts, aux)
+        in_specs=(x_spec, P(), P(), weight_spec, weight_spec, P(expert_axis, tensor_axis, None),
+                  P() if replay_ids is None else x_spec),
+        out_specs=(x_spec, P(), P(), x_spec), check_vma=False,
+    )(x_bsh, router, bias, gate, up, down, replay_ids)
+    return out, MoeStats(counts, aux, ids)
 
 
 def sequence_aux_loss(logits_bse, expert_ids_bsk):

@@ -31,7 +31,8 @@ _REMAT = {
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, S, V]
     hidden: jax.Array  # [B, S, H] final-norm output, what lm_head reads (and the MTP's input)
-    moe_stats: MoeStats | None  # per MoE layer, stacked: tokens_per_expert [L, E], seq_aux_loss [L]
+    # per MoE layer, stacked: tokens_per_expert [L, E], seq_aux_loss [L], expert_ids [L, B, S, k]
+    moe_stats: MoeStats | None
 
 
 class DecoderLayer(nnx.Module):
@@ -46,13 +47,14 @@ class DecoderLayer(nnx.Module):
         self.mlp = (MoE(config, rngs=rngs) if moe else
                     MLP(config.hidden_size, config.intermediate_size, config=config, rngs=rngs))
 
-    def __call__(self, x, cos, sin, mask, cache=None):
-        """-> (x, MoeStats or None, updated kv cache or None); see Attention for `cache`."""
+    def __call__(self, x, cos, sin, mask, cache=None, replay_ids=None):
+        """-> (x, MoeStats or None, updated kv cache or None); see Attention for `cache`, MoE
+        for `replay_ids`."""
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h = x + attn
         y = self.post_attention_layernorm(h)
         if self.moe:
-            y, stats = self.mlp(y)
+            y, stats = self.mlp(y, replay_ids)
             return h + y, stats, kv
         return h + self.mlp(y), None, kv
 
@@ -68,21 +70,23 @@ def stacked_layers(config: ModelConfig, count: int, *, moe: bool, rngs: nnx.Rngs
     return make(rngs)
 
 
-def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None):
+def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=None):
     """Runs stacked layers with lax.scan -> (x, per-layer stats, per-layer (k, v) or None),
-    stacked on axis 0. `cache` = (k [L, B, T, K, D], v, index) for cached decoding."""
+    stacked on axis 0. `cache` = (k [L, B, T, K, D], v, index) for cached decoding;
+    `replay_ids` [L, B, S, k] the experts each MoE layer must use (routing replay)."""
     graphdef, state = nnx.split(layers)
 
     def body(carry, xs):
-        layer_state, kv = xs
+        layer_state, kv, replay = xs
         layer_cache = None if kv is None else (*kv, cache[2])
-        x, stats, new_kv = nnx.merge(graphdef, layer_state)(carry, cos, sin, mask, layer_cache)
+        x, stats, new_kv = nnx.merge(graphdef, layer_state)(carry, cos, sin, mask, layer_cache,
+                                                            replay)
         return x, (stats, new_kv)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[remat], prevent_cse=False)
     kv = None if cache is None else cache[:2]
-    x, (stats, new_kv) = jax.lax.scan(body, x, (state, kv))
+    x, (stats, new_kv) = jax.lax.scan(body, x, (state, kv, replay_ids))
     return x, stats, new_kv
 
 
@@ -138,19 +142,30 @@ class GlmMoeModel(nnx.Module):
         return self.forward(input_ids, segment_ids=segment_ids, positions=positions,
                             attention_mask=attention_mask).logits
 
-    def forward(self, input_ids, *, segment_ids=None, positions=None,
-                attention_mask=None) -> ModelOutput:
+    def forward(self, input_ids, *, segment_ids=None, positions=None, attention_mask=None,
+                routing=None) -> ModelOutput:
         """input_ids [B, S]. Packed rows: `segment_ids` [B, S] (attention never crosses a segment;
         positions default to restarting at each segment start). `attention_mask` [B, S] (1 = token,
-        0 = padding) is the Hugging Face spelling of two segments and may replace segment_ids."""
+        0 = padding) is the Hugging Face spelling of two segments and may replace segment_ids.
+        `routing` [B, S, L, k] (routing replay): the experts every MoE layer uses for each token,
+        e.g. those a rollout selected (`ModelOutput.moe_stats.expert_ids` moved to this layout);
+        the router still weighs them, so it is trained."""
         chex.assert_rank(input_ids, 2)
         segment_ids, positions = resolve_segments(input_ids, segment_ids, positions, attention_mask)
         cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
         mask = segment_mask(segment_ids)
-        output, _ = self._run(input_ids, cos, sin, mask, None)
+        replay_ids = None
+        if routing is not None:
+            expected = (*input_ids.shape, self.config.num_moe_layers,
+                        self.config.num_experts_per_tok)
+            if tuple(routing.shape) != expected:
+                raise InputError(f"routing: expected shape [B, S, MoE layers, k] = {expected}, "
+                                 f"got {tuple(routing.shape)}")
+            replay_ids = jnp.moveaxis(jnp.asarray(routing, jnp.int32), 2, 0)  # [L, B, S, k]
+        output, _ = self._run(input_ids, cos, sin, mask, None, replay_ids)
         return output
 
-    def _run(self, input_ids, cos, sin, mask, cache: KVCache | None):
+    def _run(self, input_ids, cos, sin, mask, cache: KVCache | None, replay_ids=None):
         x = self.embed_tokens(input_ids)
         stats, new_k, new_v = None, {}, {}
         for name in ("dense_layers", "moe_layers"):
@@ -159,7 +174,8 @@ class GlmMoeModel(nnx.Module):
                 continue
             layer_cache = None if cache is None else (cache.k[name], cache.v[name], cache.length)
             x, layer_stats, kv = scan_layers(layers, x, cos, sin, mask, self.config.remat,
-                                             layer_cache)
+                                             layer_cache,
+                                             replay_ids if name == "moe_layers" else None)
             if name == "moe_layers":
                 stats = layer_stats
             if kv is not None:

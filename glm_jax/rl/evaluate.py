@@ -18,6 +18,7 @@ from flax import nnx
 from glm_jax.data.tasks import Problem, prompt_messages
 from glm_jax.infer.chat import render_chat
 from glm_jax.infer.engine import SamplingConfig, generate
+from glm_jax.rl.environments import ENVIRONMENTS, environment_for
 from glm_jax.rl.rewards import RewardPool
 
 STOP_TOKEN_NAMES = ("<|endoftext|>", "<|user|>", "<|observation|>")
@@ -56,24 +57,29 @@ class Samples:
     token_ids: tuple[tuple[int, ...], ...]
     logprobs: tuple[tuple[float, ...], ...]
     truncated: tuple[bool, ...]
+    # with record_routing: per row [prompt + completion tokens, MoE layers, k] expert ids
+    routing: tuple[np.ndarray, ...] | None = None
 
 
 def sample_completions(model, tokenizer, problems: Sequence[Problem], *, n: int = 1,
                        sampling: SamplingConfig = SamplingConfig(temperature=0.0),
                        thinking: bool = True, max_new_tokens: int = 96, batch_size: int = 64,
-                       seed: int = 0) -> Samples:
+                       seed: int = 0, record_routing: bool = False) -> Samples:
     """n completions of each problem's prompt, in batches of `batch_size` rows (the last batch
-    padded with repeats, so every batch compiles to the same shapes)."""
+    padded with repeats, so every batch compiles to the same shapes); `record_routing` keeps
+    each row's selected experts (for routing replay)."""
     prompts = [prompt_ids(tokenizer, p, thinking=thinking) for p in problems for _ in range(n)]
     stops = stop_ids(tokenizer)
-    texts, ids, logps, truncated = [], [], [], []
+    texts, ids, logps, truncated, routing = [], [], [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         real = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - real)
         seeds = [seed * 1_000_003 + start + i for i in range(batch_size)]
         out = generate(model, chunk, max_new_tokens=max_new_tokens, sampling=sampling,
-                       stop_tokens=stops, seeds=seeds)
+                       stop_tokens=stops, seeds=seeds, record_routing=record_routing)
+        if record_routing:
+            routing.extend(out.routing[:real])
         for row in range(real):
             length = int(out.lengths[row])
             tokens = out.tokens[row, :length].tolist()
@@ -82,7 +88,7 @@ def sample_completions(model, tokenizer, problems: Sequence[Problem], *, n: int 
             truncated.append(length == max_new_tokens and tokens[-1] not in stops)
             texts.append(tokenizer.decode(tokens, skip_special_tokens=False))
     return Samples(tuple(problems), n, tuple(map(tuple, prompts)), tuple(texts), tuple(ids),
-                   tuple(logps), tuple(truncated))
+                   tuple(logps), tuple(truncated), tuple(routing) if record_routing else None)
 
 
 def score_samples(samples: Samples, pool: RewardPool) -> np.ndarray:
@@ -122,12 +128,35 @@ def task_metrics(samples: Samples, rewards: np.ndarray, *, ks: Sequence[int] = (
 def evaluate_tasks(model, tokenizer, problems: Sequence[Problem], pool: RewardPool, *,
                    n: int = 1, ks: Sequence[int] = (1,), temperature: float = 0.0,
                    thinking: bool = True, max_new_tokens: int = 96, batch_size: int = 64,
-                   seed: int = 0, prefix: str = "eval_") -> dict[str, float]:
-    samples = sample_completions(model, tokenizer, problems, n=n,
-                                 sampling=SamplingConfig(temperature=temperature),
+                   seed: int = 0, max_turns: int = 3, prefix: str = "eval_") -> dict[str, float]:
+    """`task_metrics` of n completions per problem. Problems of a kind a tool environment plays
+    (glm_jax.rl.environments) are played as episodes of at most `max_turns` model turns, so
+    their score is the answer's after the tool responses; their completions are whole
+    episodes."""
+    from glm_jax.rl.agentic import play_episodes
+
+    sampling = SamplingConfig(temperature=temperature)
+    by_env = defaultdict(list)
+    for problem in problems:
+        by_env[environment_for(problem.kind)].append(problem)
+    samples = sample_completions(model, tokenizer, by_env.pop("", []), n=n, sampling=sampling,
                                  thinking=thinking, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, seed=seed)
-    return task_metrics(samples, score_samples(samples, pool), ks=ks, prefix=prefix)
+    rewards = score_samples(samples, pool)
+    for name, played in sorted(by_env.items()):
+        episodes = play_episodes(model, tokenizer, played, pool, ENVIRONMENTS[name], n=n,
+                                 sampling=sampling, thinking=thinking,
+                                 max_new_tokens=max_new_tokens, max_turns=max_turns,
+                                 batch_size=batch_size, seed=seed)
+        samples = _joined(samples, episodes.samples)
+        rewards = np.concatenate([rewards, episodes.scores])
+    return task_metrics(samples, rewards, ks=ks, prefix=prefix)
+
+
+def _joined(a: Samples, b: Samples) -> Samples:
+    """b's rows after a's (the metrics do not depend on the problems' order)."""
+    return Samples(a.problems + b.problems, a.n, a.prompts + b.prompts, a.texts + b.texts,
+                   a.token_ids + b.token_ids, a.logprobs + b.logprobs, a.truncated + b.truncated)
 
 
 @nnx.jit

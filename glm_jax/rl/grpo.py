@@ -6,8 +6,9 @@ micro-batches. `make_grpo_step` jits it with the state donated.
 
 A batch is `[A, B, S]` (A micro-batches of B rows): `input_ids`, `target_ids`, `segment_ids`
 (1 on real tokens, 0 on padding), `positions`, `mask` (1 where the target is a token the policy
-sampled), `old_logp` (the rollout's log-prob of each target), `advantages` `[A, B]`, and
-`temperature` (a scalar).
+sampled), `old_logp` (the rollout's log-prob of each target), `advantages` `[A, B]`,
+`temperature` (a scalar), and optionally `routing` `[A, B, S, MoE layers, k]` (routing replay:
+the experts the rollout chose for each input token) and `is_weight` (truncated IS weights).
 """
 
 from __future__ import annotations
@@ -47,10 +48,15 @@ class GrpoConfig:
 
 
 def rollout_batch(prompts, completions, logprobs, advantages, *, seq_len: int,
-                  micro_batches: int = 1, temperature: float = 1.0) -> dict[str, np.ndarray]:
+                  micro_batches: int = 1, temperature: float = 1.0,
+                  routing=None, completion_masks=None) -> dict[str, np.ndarray]:
     """Host-side training batch from rollouts: row i is prompt i then its completion,
     right-padded to `seq_len + 1` tokens; the mask marks the targets that are completion tokens
-    and `old_logp` holds their rollout log-probs. Rows split into `micro_batches` equal parts."""
+    and `old_logp` holds their rollout log-probs. Rows split into `micro_batches` equal parts.
+    `routing` (routing replay): per row the rollout's expert ids [tokens, MoE layers, k] (at
+    least the row's input tokens; empty for a padding row) -> `batch["routing"]`.
+    `completion_masks` (multi-turn episodes): per row one 0/1 per completion token, 0 on tokens
+    the environment inserted: no loss there, and `old_logp` 0."""
     rows = len(prompts)
     if not rows == len(completions) == len(logprobs) == len(advantages):
         raise ValueError("prompts, completions, logprobs and advantages differ in length")
@@ -60,20 +66,34 @@ def rollout_batch(prompts, completions, logprobs, advantages, *, seq_len: int,
            for k in ("input_ids", "target_ids", "segment_ids", "positions")}
     out["mask"] = np.zeros((rows, seq_len), np.float32)
     out["old_logp"] = np.zeros((rows, seq_len), np.float32)
+    if routing is not None:
+        shape = next((r.shape[1:] for r in routing if len(r)), None)
+        if shape is None:
+            raise ValueError("routing: every row is empty")
+        out["routing"] = np.zeros((rows, seq_len, *shape), next(
+            r.dtype for r in routing if len(r)))
     for i, (prompt, completion, logp) in enumerate(zip(prompts, completions, logprobs)):
         sequence = list(prompt) + list(completion)
         if len(sequence) - 1 > seq_len:
             raise ValueError(f"row {i}: {len(sequence)} tokens exceed seq_len + 1 = {seq_len + 1}")
         if len(logp) != len(completion):
             raise ValueError(f"row {i}: {len(completion)} tokens but {len(logp)} log-probs")
+        keep = 1.0 if completion_masks is None else np.asarray(completion_masks[i], np.float32)
+        if completion_masks is not None and len(keep) != len(completion):
+            raise ValueError(f"row {i}: {len(completion)} tokens but a mask of {len(keep)}")
         n = len(sequence) - 1
         out["input_ids"][i, :n] = sequence[:-1]
         out["target_ids"][i, :n] = sequence[1:]
         out["segment_ids"][i, :n] = 1
         out["positions"][i, :n] = np.arange(n)
         first = len(prompt) - 1  # the position whose target is the first completion token
-        out["mask"][i, first:n] = 1.0
-        out["old_logp"][i, first:n] = logp
+        out["mask"][i, first:n] = keep
+        out["old_logp"][i, first:n] = np.asarray(logp, np.float32) * keep
+        if routing is not None and n > 0:
+            if len(routing[i]) < n:
+                raise ValueError(f"row {i}: routing holds {len(routing[i])} tokens, the row's "
+                                 f"inputs are {n}")
+            out["routing"][i, :n] = routing[i][:n]
     out["advantages"] = np.asarray(advantages, np.float32)
     out = {k: v.reshape(micro_batches, rows // micro_batches, *v.shape[1:]) for k, v in out.items()}
     out["temperature"] = np.float32(temperature)
@@ -81,9 +101,10 @@ def rollout_batch(prompts, completions, logprobs, advantages, *, seq_len: int,
 
 
 def token_logp(model, batch, temperature):
-    """-> (log p(target) [B, S], entropy [B, S]) under softmax(logits / temperature)."""
+    """-> (log p(target) [B, S], entropy [B, S]) under softmax(logits / temperature); with
+    `batch["routing"]`, every MoE layer uses the rollout's experts (routing replay)."""
     out = model.forward(batch["input_ids"], segment_ids=batch["segment_ids"],
-                        positions=batch["positions"])
+                        positions=batch["positions"], routing=batch.get("routing"))
     logits = out.logits.astype(jnp.float32) / temperature
     logp_all = jax.nn.log_softmax(logits)
     logp = jnp.take_along_axis(logp_all, batch["target_ids"][..., None], axis=-1)[..., 0]

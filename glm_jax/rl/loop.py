@@ -17,8 +17,16 @@ the task is code, else seq-mean-token-mean), `dapo` (clip-higher 0.2 / 0.28, tok
 dynamic sampling, overlong shaping), `dr_grpo` (no std scaling, seq-mean-token-scale).
 
 GLM-4.5's recipe, each off by default: `rl.curriculum` (two stages by difficulty),
-`rl.dynamic_temperature` (the rollout temperature re-chosen on held-out scores) and
-`rl.fp8_rollouts` (the sampler on the policy re-quantised to FP8, truncated importance weights).
+`rl.dynamic_temperature` (the rollout temperature re-chosen on held-out scores),
+`rl.fp8_rollouts` (the sampler on the policy re-quantised to FP8, truncated importance weights)
+and `rl.routing_replay` (the training forward uses the experts each token was routed to in the
+rollout). With `rl.recompute_old_logp` (implied by FP8) the sampler/trainer log-prob mismatch is
+logged as `rollout_logp_mismatch`.
+
+Agentic RL (the report's RL with tools): with `rl.env` naming a tool environment
+(glm_jax.rl.environments), the problems of the kinds it plays are rolled out as episodes of at
+most `rl.max_turns` model turns (glm_jax.rl.agentic) and trained on the tokens the model wrote
+only; the held-out score always plays them so.
 """
 
 from __future__ import annotations
@@ -41,13 +49,15 @@ from glm_jax.data.tokenizer import check_chat_tokens, load_tokenizer
 from glm_jax.errors import ConfigError
 from glm_jax.infer.engine import SamplingConfig
 from glm_jax.infer.fp8 import quantize_model
+from glm_jax.rl.agentic import EpisodeStats, rollout_with_environment
 from glm_jax.rl.curriculum import (PassCountCache, count_correct, pick_temperature,
                                    select_hard_prompts, select_moderate_prompts)
+from glm_jax.rl.environments import ENVIRONMENTS, environment_for
 from glm_jax.rl.evaluate import evaluate_tasks, pass_at_k, prompt_ids
 from glm_jax.rl.grpo import GrpoConfig, make_grpo_step, make_policy_logp, rollout_batch
 from glm_jax.rl.objectives import group_advantages
 from glm_jax.rl.rewards import RewardPool
-from glm_jax.rl.rollouts import Groups, Overlong, collect_groups, rollout_groups
+from glm_jax.rl.rollouts import Groups, Overlong, collect_groups
 from glm_jax.train import config as config_lib
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.loop import (MODEL_CONFIG_FILE, build_optimizer, load_workdir,
@@ -100,9 +110,16 @@ def grpo_base_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
         # is weighted by min(exp(old_logp - rollout_logp), tis_cap) (truncated IS, detached).
         fp8_rollouts=False,
         tis_cap=2.0,
+        # MoE routing replay (slime's rollout routing replay): the rollout records each token's
+        # experts and the training forward uses them (weights still from the current router).
+        routing_replay=False,
         clip_c=0.0,  # dual clip (> 1), 0 = off
         bias_rate=0.0,  # MoE balance-bias updates during RL (0 = frozen)
         reward_workers=2,
+        # agentic RL: the tool environment that plays the problems of its kinds as multi-turn
+        # episodes ("" = every problem single-turn), and the model turns an episode may take
+        env="",
+        max_turns=3,
         **PRESETS[algorithm]))
     # GLM-4.5's dynamic temperature: every `every` steps (0 = off) score the held-out set with
     # `samples` completions per problem at each of `temperatures`, and continue the rollouts at
@@ -136,6 +153,13 @@ def validate_grpo(config) -> None:
     config_lib.check_int(config, "rl.reward_workers", 0)
     config_lib.check_float(config, "rl.temperature", positive=True)
     config_lib.check_float(config, "rl.tis_cap", positive=True)
+    config_lib.check_int(config, "rl.max_turns", 1)
+    if rl.env and rl.env not in ENVIRONMENTS:
+        raise ConfigError(f"config.rl.env: {rl.env!r} is not one of {sorted(ENVIRONMENTS)} "
+                          "('' = single-turn)")
+    if rl.env and rl.routing_replay:
+        raise ConfigError("config.rl.routing_replay: not with config.rl.env (multi-turn "
+                          "episodes record no routing)")
     dynamic = rl.dynamic_temperature
     config_lib.check_int(config, "rl.dynamic_temperature.every", 0)
     config_lib.check_int(config, "rl.dynamic_temperature.samples", 1)
@@ -317,25 +341,39 @@ def _padded_batch(groups: Groups, advantages, config, temperature) -> dict[str, 
     rows = config.rl.group_size * config.rl.groups_per_step
     missing = rows - len(groups.prompts)
     pad_prompt = groups.prompts[0][:1] if groups.prompts else (0,)
+    routing = None
+    if groups.routing is not None:
+        routing = list(groups.routing) + [groups.routing[0][:0]] * missing
+    masks = None
+    if groups.completion_masks is not None:
+        masks = list(groups.completion_masks) + [()] * missing
     return rollout_batch(
         list(groups.prompts) + [pad_prompt] * missing,
         list(groups.completions) + [()] * missing,
         list(groups.logprobs) + [()] * missing,
         np.concatenate([np.asarray(advantages, np.float32), np.zeros(missing, np.float32)]),
         seq_len=config.seq_len, micro_batches=config.micro_batches,
-        temperature=temperature)
+        temperature=temperature, routing=routing, completion_masks=masks)
+
+
+def _logp_mismatch(batch, rollout_logp) -> dict[str, float]:
+    """Mean |old_logp - rollout_logp| over the completion tokens: how far the trainer's
+    recomputed log-probs are from the sampler's (FP8 weights, routing flips, numerics)."""
+    mask = batch["mask"]
+    tokens = max(float(mask.sum()), 1.0)
+    return dict(rollout_logp_mismatch=float(
+        (np.abs(batch["old_logp"] - rollout_logp) * mask).sum() / tokens))
 
 
 def _importance_weights(batch, rollout_logp, cap: float) -> dict[str, float]:
     """Puts the truncated importance weights min(exp(old_logp - rollout_logp), cap) into
-    `batch["is_weight"]`; -> the sampler/trainer mismatch metrics over the completion tokens."""
+    `batch["is_weight"]`; -> their metrics over the completion tokens."""
     mask = batch["mask"]
     diff = (batch["old_logp"] - rollout_logp) * mask
     raw = np.exp(np.clip(diff, -20.0, 20.0))
     batch["is_weight"] = (np.minimum(raw, cap) * mask).astype(np.float32)
     tokens = max(float(mask.sum()), 1.0)
-    return dict(rollout_logp_mismatch=float(np.abs(diff).sum() / tokens),
-                is_weight_mean=float(batch["is_weight"].sum() / tokens),
+    return dict(is_weight_mean=float(batch["is_weight"].sum() / tokens),
                 is_capped_frac=float(((raw > cap) * mask).sum() / tokens))
 
 
@@ -346,7 +384,7 @@ def rollout_metrics(rounds: list[Groups], kept: Groups) -> dict[str, float]:
     out = dict(reward_mean=float(scores.mean()), reward_std=float(scores.std()),
                response_len=float(np.mean(lengths)),
                truncated_frac=float(np.mean(np.concatenate([r.truncated for r in rounds]))),
-               generated_tokens=float(sum(lengths)))
+               generated_tokens=float(sum(sum(r.model_tokens()) for r in rounds)))
     if len(kept):
         out["kept_reward_mean"] = float(kept.rewards.mean())
     return out
@@ -427,6 +465,12 @@ def grpo(config) -> list[dict]:
     overlong = Overlong(rl.max_new_tokens, rl.overlong_cache) if rl.overlong_cache else None
     logged, curve = [], _curve_rows(workdir, start)
     pool = RewardPool(workers=rl.reward_workers)
+    unplayed = sorted({p.kind for p in train_set if environment_for(p.kind) not in ("", rl.env)})
+    if unplayed:
+        logging.warning("config.rl.env=%r: the %s problems are rolled out single-turn, where a "
+                        "tool call scores 0", rl.env, ",".join(unplayed))
+    agentic = bool(rl.env) and any(p.kind in ENVIRONMENTS[rl.env].kinds for p in train_set)
+    episode_stats = EpisodeStats()  # the current step's episodes
 
     def policy():
         return nnx.merge(graphdef, state.params, state.buffers)  # the live arrays, no copy
@@ -440,7 +484,8 @@ def grpo(config) -> list[dict]:
         with jax.set_mesh(mesh):
             row = evaluate_tasks(policy(), tokenizer, heldout, pool, temperature=0.0,
                                  thinking=rl.thinking, max_new_tokens=config.eval.max_new_tokens,
-                                 batch_size=config.eval.batch_size, seed=config.seed)
+                                 batch_size=config.eval.batch_size, seed=config.seed,
+                                 max_turns=rl.max_turns)
         row["eval_reward"] = row.pop("eval_accuracy")
         row["eval_seconds"] = time.perf_counter() - tick
         logger.log(step, row)
@@ -459,7 +504,8 @@ def grpo(config) -> list[dict]:
                                         temperature=t, thinking=rl.thinking,
                                         max_new_tokens=config.eval.max_new_tokens,
                                         batch_size=config.eval.batch_size,
-                                        seed=config.seed * 1_000_003 + step, prefix="")
+                                        seed=config.seed * 1_000_003 + step,
+                                        max_turns=rl.max_turns, prefix="")
                 table[t] = scores["accuracy"]
         picked = pick_temperature(table, tolerance=dynamic.tolerance)
         row = {f"temperature_score_T{t:g}": s for t, s in table.items()}
@@ -470,10 +516,11 @@ def grpo(config) -> list[dict]:
 
     def sample_rewards(problems, n, seed):
         with jax.set_mesh(mesh):
-            return rollout_groups(sampler(), tokenizer, problems, pool, group_size=n,
-                                  sampling=SamplingConfig(temperature=temperature),
-                                  thinking=rl.thinking, max_new_tokens=rl.max_new_tokens,
-                                  batch_size=rl.rollout_batch_size, seed=seed).scores
+            return rollout_with_environment(
+                sampler(), tokenizer, problems, pool, env=rl.env, max_turns=rl.max_turns,
+                group_size=n, sampling=SamplingConfig(temperature=temperature),
+                thinking=rl.thinking, max_new_tokens=rl.max_new_tokens,
+                batch_size=rl.rollout_batch_size, seed=seed).scores
 
     stage_set, stage_fallback = train_set, train_set
     cache = PassCountCache(workdir / "curriculum.jsonl")
@@ -495,13 +542,13 @@ def grpo(config) -> list[dict]:
 
     def rollout(problems, round_index, step):
         with jax.set_mesh(mesh):
-            return rollout_groups(sampler(), tokenizer, problems, pool, group_size=rl.group_size,
-                                  sampling=SamplingConfig(temperature=temperature),
-                                  thinking=rl.thinking,
-                                  max_new_tokens=rl.max_new_tokens,
-                                  batch_size=rl.rollout_batch_size,
-                                  seed=(config.seed * 1_000_003 + step) * 64 + round_index,
-                                  overlong=overlong)
+            return rollout_with_environment(
+                sampler(), tokenizer, problems, pool, env=rl.env, max_turns=rl.max_turns,
+                stats=episode_stats, group_size=rl.group_size,
+                sampling=SamplingConfig(temperature=temperature), thinking=rl.thinking,
+                max_new_tokens=rl.max_new_tokens, batch_size=rl.rollout_batch_size,
+                seed=(config.seed * 1_000_003 + step) * 64 + round_index,
+                overlong=overlong, record_routing=rl.routing_replay)
 
     try:
         if heldout and start == 0:
@@ -517,6 +564,7 @@ def grpo(config) -> list[dict]:
                 stage = 2
                 stream = PromptStream(enter_stage(2, step) or stage_fallback, config.seed + 1, 0)
             tick = time.perf_counter()
+            episode_stats = EpisodeStats()
             groups, counts, rounds = collect_groups(
                 stream.draw, lambda problems, r: rollout(problems, r, step),
                 groups_per_step=rl.groups_per_step, max_rounds=rl.max_rounds,
@@ -526,6 +574,8 @@ def grpo(config) -> list[dict]:
                    "rollout_temperature": temperature}
             if rl.curriculum.enabled:
                 row["curriculum_stage"] = float(stage)
+            if agentic:
+                row.update(episode_stats.as_metrics())
             row["rollout_tokens_per_second"] = row["generated_tokens"] / rollout_seconds
             tick = time.perf_counter()
             if len(groups):
@@ -536,6 +586,7 @@ def grpo(config) -> list[dict]:
                     if rl.recompute_old_logp or rl.fp8_rollouts:
                         rollout_logp = batch["old_logp"]
                         batch["old_logp"] = np.asarray(policy_logp(state, batch))
+                        row.update(_logp_mismatch(batch, rollout_logp))
                         if rl.fp8_rollouts:
                             row.update(_importance_weights(batch, rollout_logp, rl.tis_cap))
                     for update in range(rl.updates_per_batch):

@@ -36,6 +36,11 @@ class Groups:
     truncated: np.ndarray  # [rows] bool
     scores: np.ndarray  # [rows] the rewards as scored
     rewards: np.ndarray  # [rows] after overlong shaping: what the advantages use
+    # routing replay: per row the rollout's expert ids [tokens, MoE layers, k], or None
+    routing: tuple[np.ndarray, ...] | None = None
+    # multi-turn episodes: per row, per completion token, 1 where the model generated it and 0
+    # where the environment inserted it (glm_jax.rl.agentic); None = every token the model's
+    completion_masks: tuple[tuple[int, ...], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -46,12 +51,21 @@ class Groups:
             return np.zeros(0, bool)
         return self.rewards.reshape(len(self), self.group_size).std(axis=1) > ZERO_STD
 
+    def model_tokens(self) -> list[int]:
+        """[rows] the completion tokens the model generated (observations left out)."""
+        if self.completion_masks is None:
+            return [len(c) for c in self.completions]
+        return [sum(m) for m in self.completion_masks]
+
     def select(self, groups: Sequence[int]) -> "Groups":
         rows = [g * self.group_size + j for g in groups for j in range(self.group_size)]
         pick = lambda seq: tuple(seq[r] for r in rows)
         return Groups(tuple(self.problems[g] for g in groups), self.group_size,
                       pick(self.prompts), pick(self.completions), pick(self.logprobs),
-                      self.truncated[rows], self.scores[rows], self.rewards[rows])
+                      self.truncated[rows], self.scores[rows], self.rewards[rows],
+                      None if self.routing is None else pick(self.routing),
+                      completion_masks=(None if self.completion_masks is None
+                                        else pick(self.completion_masks)))
 
     @classmethod
     def concat(cls, parts: Sequence["Groups"], group_size: int) -> "Groups":
@@ -60,8 +74,14 @@ class Groups:
             return cls((), group_size, (), (), (), np.zeros(0, bool), empty, empty)
         join = lambda name: sum((getattr(p, name) for p in parts), ())
         stack = lambda name: np.concatenate([getattr(p, name) for p in parts])
+        routed = all(p.routing is not None for p in parts)
+        masks = None
+        if any(p.completion_masks is not None for p in parts):
+            masks = sum((p.completion_masks if p.completion_masks is not None else
+                         tuple((1,) * len(c) for c in p.completions) for p in parts), ())
         return cls(join("problems"), group_size, join("prompts"), join("completions"),
-                   join("logprobs"), stack("truncated"), stack("scores"), stack("rewards"))
+                   join("logprobs"), stack("truncated"), stack("scores"), stack("rewards"),
+                   join("routing") if routed else None, completion_masks=masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,18 +99,20 @@ class Overlong:
 def rollout_groups(model, tokenizer, problems: Sequence[Problem], pool: RewardPool, *,
                    group_size: int, sampling: SamplingConfig, thinking: bool = True,
                    max_new_tokens: int, batch_size: int, seed: int,
-                   overlong: Overlong | None = None) -> Groups:
-    """`group_size` sampled completions of each problem, scored (and shaped when `overlong`)."""
+                   overlong: Overlong | None = None, record_routing: bool = False) -> Groups:
+    """`group_size` sampled completions of each problem, scored (and shaped when `overlong`);
+    `record_routing` keeps every row's selected experts (routing replay)."""
     samples = sample_completions(model, tokenizer, problems, n=group_size, sampling=sampling,
                                  thinking=thinking, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, seed=seed)
+                                 batch_size=batch_size, seed=seed, record_routing=record_routing)
     scores = score_samples(samples, pool)
     rewards = scores
     if overlong is not None:
         lengths = np.asarray([len(c) for c in samples.token_ids], np.float32)
         rewards = overlong.shape(scores, lengths)
     return Groups(tuple(problems), group_size, samples.prompts, samples.token_ids,
-                  samples.logprobs, np.asarray(samples.truncated, bool), scores, rewards)
+                  samples.logprobs, np.asarray(samples.truncated, bool), scores, rewards,
+                  samples.routing)
 
 
 def collect_groups(draw: Callable[[int], list[Problem]], rollout: Callable[[list, int], Groups],

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from kernels.backends import resolve
 from kernels.routing import pallas, reference
 from kernels.routing.permute import ExpertSort, sort_by_expert, unsort
+from kernels.routing.reference import replay_route
 
 Array = jax.Array
 
@@ -88,4 +89,5 @@ def route(
     )
 
 
-__all__ = ["BACKENDS", "ExpertSort", "reference", "route", "sort_by_expert", "unsort"]
+__all__ = ["BACKENDS", "ExpertSort", "reference", "replay_route", "route", "sort_by_expert",
+           "unsort"]

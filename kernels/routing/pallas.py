@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels.routing.reference import replay_route
+
 Array = jax.Array
 
 # Tokens per grid step. Small enough that Triton keeps the ~6 live [tT, 256]
@@ -138,15 +140,6 @@ def _fused_route(logits: Array, bias: Array, top_k: int, n_group: int, topk_grou
     return weights[:num_tokens, :top_k], ids[:num_tokens, :top_k]
 
 
-def _weights_from_ids(logits: Array, ids: Array, norm_topk_prob: bool,
-                      routed_scaling_factor: float) -> Array:
-    """The kernel's weights as a jnp function of the logits, for the VJP."""
-    weights = jnp.take_along_axis(jax.nn.sigmoid(logits.astype(jnp.float32)), ids, axis=1)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return weights * routed_scaling_factor
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
 def _differentiable_route(logits, bias, *config):
     return _fused_route(logits, bias, *config)
@@ -160,8 +153,9 @@ def _route_fwd(logits, bias, *config):
 def _route_bwd(top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, token_tile,
                interpret, residuals, cotangents):
     logits, bias, ids = residuals
-    _, vjp = jax.vjp(lambda lg: _weights_from_ids(lg, ids, norm_topk_prob,
-                                                  routed_scaling_factor), logits)
+    _, vjp = jax.vjp(lambda lg: replay_route(lg, ids, norm_topk_prob=norm_topk_prob,
+                                             routed_scaling_factor=routed_scaling_factor)[0],
+                     logits)
     return (*vjp(cotangents[0]), jnp.zeros_like(bias))
 
 

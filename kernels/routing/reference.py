@@ -39,9 +39,22 @@ def route(
     choice = jnp.where(expert_kept, choice, -jnp.inf)
 
     expert_ids = lax.top_k(choice, top_k)[1].astype(jnp.int32)  # [T, k]
+    return replay_route(logits, expert_ids, norm_topk_prob=norm_topk_prob,
+                        routed_scaling_factor=routed_scaling_factor)
+
+
+def replay_route(
+    logits: Array, expert_ids: Array, *, norm_topk_prob: bool, routed_scaling_factor: float
+) -> tuple[Array, Array, Array]:
+    """The router's output for a given choice of experts: logits [T, E], expert_ids [T, k] ->
+    (weights [T, k] f32, expert_ids, tokens_per_expert [E] i32). The weights are the chosen
+    experts' sigmoid scores (renormalised, scaled), differentiable in the logits: what routing
+    replay trains with when the selection was made by the rollout."""
+    expert_ids = expert_ids.astype(jnp.int32)
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
     weights = jnp.take_along_axis(scores, expert_ids, axis=1)  # [T, k]
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     weights = weights * routed_scaling_factor
-    tokens_per_expert = jnp.bincount(expert_ids.ravel(), length=num_experts).astype(jnp.int32)
+    tokens_per_expert = jnp.bincount(expert_ids.ravel(), length=logits.shape[1]).astype(jnp.int32)
     return weights, expert_ids, tokens_per_expert
