@@ -120,7 +120,8 @@ def test_distillation_keeps_exactly_the_verified_longer_half():
 
 def test_distilled_records_load_back_as_sft_conversations(tmp_path):
     kept = []
-    for problem in tasks.problems("train", 6):
+    single_turn = ("add", "sort", "calculator")  # a candidate is one reply, not an episode
+    for problem in tasks.problems("train", 6, kinds=single_turn):
         text = render_text(tasks.conversation(problem))
         reply = text[text.rindex("<|assistant|>") + len("<|assistant|>"):] + "<|user|>"
         kept.append(Candidate(problem, "teacher-1", reply, 1.0, 40, False, True))

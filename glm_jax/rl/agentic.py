@@ -209,7 +209,8 @@ def play_episodes(model, tokenizer, problems: Sequence[Problem], pool: RewardPoo
             padding = batch_size - len(chunk)
             out = generate(model, contexts + [contexts[-1]] * padding,
                            max_new_tokens=max(max_new_tokens - len(e.tokens) for _, e in chunk),
-                           sampling=sampling, stop_tokens=stops, seeds=seeds + [seeds[-1]] * padding)
+                           sampling=sampling, stop_tokens=stops,
+                           seeds=seeds + [seeds[-1]] * padding)
             for i, (_, episode) in enumerate(chunk):
                 length = min(int(out.lengths[i]), max_new_tokens - len(episode.tokens))
                 _take_turn(episode, out.tokens[i, :length].tolist(),
