@@ -1,6 +1,6 @@
 """The curriculum's stage-1 and stage-2 rules and the dynamic-temperature rule on hand cases,
 ties, bad input, and (hypothesis) against a direct re-statement over random tables; the pass-count
-cache that lets a stopped estimate resume."""
+cache that lets a stopped estimate resume; the plateau rule and the triggers built on it."""
 
 import math
 
@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from glm_jax.rl import pass_at_k, pick_temperature, select_hard_prompts
-from glm_jax.rl.curriculum import PassCountCache, count_correct, select_moderate_prompts
+from glm_jax.rl.curriculum import (PassCountCache, count_correct, plateaued,
+                                   select_moderate_prompts)
+from glm_jax.rl.loop import _switch_now, _tune_now, grpo_base_config
 
 
 def test_select_hard_prompts_keeps_unsolved_at_8_but_solved_at_512():
@@ -124,3 +126,34 @@ def test_stage_one_keeps_the_moderate_prompts():
     assert select_moderate_prompts(correct, 8, low=0.2, high=1.0) == ["half"]
     with pytest.raises(ValueError, match="0 <= low < high <= 1"):
         select_moderate_prompts(correct, 8, low=0.5, high=0.5)
+
+
+def test_plateaued_compares_the_last_window_with_the_one_before():
+    assert not plateaued([0.1, 0.2, 0.3], window=2)  # fewer than 2 x window values
+    assert not plateaued([0.1, 0.2, 0.4, 0.5], window=2)  # 0.45 - 0.15 >= 0.01
+    assert plateaued([0.1, 0.5, 0.3, 0.3], window=2)  # 0.3 - 0.3 < 0.01
+    assert plateaued([0.5, 0.4], window=1)  # a fall is a plateau too
+    assert plateaued([0.3, 0.305], window=1, min_delta=0.01)
+    assert not plateaued([0.3, 0.305], window=1, min_delta=0.0)
+    with pytest.raises(ValueError, match="window >= 1"):
+        plateaued([0.1, 0.2], window=0)
+
+
+def test_stage_switch_and_temperature_triggers():
+    config = grpo_base_config("grpo")
+    cur, dynamic = config.rl.curriculum, config.rl.dynamic_temperature
+    history = {"train_rewards": [0.2, 0.3, 0.3, 0.3], "eval_rewards": [0.3, 0.4]}
+    cur.switch_step = 7
+    assert not _switch_now(3, history, config)  # no plateau trigger configured
+    assert _switch_now(7, history, config)
+    cur.plateau_window = 2
+    assert not _switch_now(4, history, config)  # rose 0.3 - 0.25 = 0.05 >= 0.01
+    cur.plateau_window = 1
+    assert _switch_now(4, history, config)  # 0.3 - 0.3 < 0.01
+    assert not _tune_now(10, history, config)  # both triggers off
+    dynamic.every = 5
+    assert _tune_now(10, history, config) and not _tune_now(11, history, config)
+    dynamic.plateau_window = 1
+    assert not _tune_now(11, history, config)  # held-out rose 0.1
+    history["eval_rewards"].append(0.4)
+    assert _tune_now(11, history, config)

@@ -65,9 +65,11 @@ def _config(policy_dir, prompts, workdir, steps):
     config.eval.max_new_tokens, config.eval.batch_size = 16, 4
     rl.dynamic_temperature.every, rl.dynamic_temperature.samples = 2, 2
     rl.dynamic_temperature.temperatures, rl.dynamic_temperature.tolerance = "0.5,2.5", 0.0
-    cur = rl.curriculum  # stage 2 from step 2: the split run resumes exactly at the switch
-    cur.enabled, cur.pool, cur.samples, cur.switch_step, cur.zero_at, cur.nonzero_at = (
-        True, 5, 2, 2, 1, 3)
+    # stage 2 from step 2 on a plateau that always holds (a rise of less than 1.1 over 1 step):
+    # the split run resumes exactly at the switch, from the restored reward history
+    cur = rl.curriculum
+    cur.enabled, cur.pool, cur.samples, cur.zero_at, cur.nonzero_at = True, 5, 2, 1, 3
+    cur.switch_step, cur.plateau_window, cur.plateau_delta = 0, 1, 1.1
     return config
 
 

@@ -55,6 +55,19 @@ def pick_temperature(scores: Mapping[float, float], *, tolerance: float = 0.01) 
     return max(t for t, s in scores.items() if s >= floor - 1e-12 * max(1.0, abs(best)))
 
 
+def plateaued(values: Sequence[float], *, window: int, min_delta: float = 0.01) -> bool:
+    """Whether a reward stopped rising: the mean of the last `window` values exceeds the mean
+    of the `window` before by less than `min_delta` (absolute). False until there are
+    2 x `window` values, so a trigger never fires on a too-short history."""
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"plateaued needs an integer window >= 1, got {window!r}")
+    if len(values) < 2 * window:
+        return False
+    recent = np.mean(values[-window:])
+    before = np.mean(values[-2 * window:-window])
+    return bool(recent - before < min_delta)
+
+
 class PassCountCache:
     """Per-prompt sample counts on disk: JSON lines `{"key", "policy_step", "n", "correct"}`,
     appended (and flushed) as each chunk of prompts is scored, so an estimate that is stopped

@@ -50,7 +50,7 @@ from glm_jax.errors import ConfigError
 from glm_jax.infer.engine import SamplingConfig
 from glm_jax.infer.fp8 import quantize_model
 from glm_jax.rl.agentic import EpisodeStats, rollout_with_environment
-from glm_jax.rl.curriculum import (PassCountCache, count_correct, pick_temperature,
+from glm_jax.rl.curriculum import (PassCountCache, count_correct, pick_temperature, plateaued,
                                    select_hard_prompts, select_moderate_prompts)
 from glm_jax.rl.environments import ENVIRONMENTS, environment_for
 from glm_jax.rl.evaluate import evaluate_tasks, pass_at_k, prompt_ids
@@ -121,19 +121,25 @@ def grpo_base_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
         env="",
         max_turns=3,
         **PRESETS[algorithm]))
-    # GLM-4.5's dynamic temperature: every `every` steps (0 = off) score the held-out set with
-    # `samples` completions per problem at each of `temperatures`, and continue the rollouts at
-    # the hottest one within `tolerance` (relative) of the best (`pick_temperature`).
+    # GLM-4.5's dynamic temperature: every `every` steps (0 = off), and when the held-out reward
+    # plateaus (`plateau_window` > 0: the mean of the last that many evaluations rose less than
+    # `plateau_delta` over the ones before; `plateaued`), score the held-out set with `samples`
+    # completions per problem at each of `temperatures`, and continue the rollouts at the
+    # hottest one within `tolerance` (relative) of the best (`pick_temperature`).
     config.rl.dynamic_temperature = ml_collections.ConfigDict(dict(
-        every=0, temperatures="0.6,0.8,1.0,1.2", tolerance=0.01, samples=4))
+        every=0, plateau_window=0, plateau_delta=0.01, temperatures="0.6,0.8,1.0,1.2",
+        tolerance=0.01, samples=4))
     # GLM-4.5's two-stage difficulty curriculum: stage 1 trains on the first `pool` training
-    # prompts whose pass rate over `samples` completions lies strictly in (low, high); from step
-    # `switch_step` (0 = never), on those with pass@zero_at = 0 (from zero_at samples) and
-    # pass@nonzero_at > 0 (from nonzero_at more), screened with the policy of that step. Counts
-    # are cached in the workdir (curriculum.jsonl), so a resumed run does not sample them again.
+    # prompts whose pass rate over `samples` completions lies strictly in (low, high); then on
+    # those with pass@zero_at = 0 (from zero_at samples) and pass@nonzero_at > 0 (from nonzero_at
+    # more), screened with the policy of the switch step. The switch comes at step `switch_step`
+    # (0 = no fixed step) or earlier when the stage-1 training reward plateaus (`plateau_window`
+    # > 0: its mean over the last that many steps rose less than `plateau_delta` over the steps
+    # before). Counts are cached in the workdir (curriculum.jsonl): a resumed run does not
+    # sample them again.
     config.rl.curriculum = ml_collections.ConfigDict(dict(
-        enabled=False, pool=256, samples=8, low=0.0, high=1.0, switch_step=0, zero_at=8,
-        nonzero_at=64))
+        enabled=False, pool=256, samples=8, low=0.0, high=1.0, switch_step=0, plateau_window=0,
+        plateau_delta=0.01, zero_at=8, nonzero_at=64))
     config.eval = ml_collections.ConfigDict(dict(
         every=10, task="builtin", problems=60, max_new_tokens=64, batch_size=64))
     return config
@@ -162,6 +168,8 @@ def validate_grpo(config) -> None:
                           "episodes record no routing)")
     dynamic = rl.dynamic_temperature
     config_lib.check_int(config, "rl.dynamic_temperature.every", 0)
+    config_lib.check_int(config, "rl.dynamic_temperature.plateau_window", 0)
+    config_lib.check_float(config, "rl.dynamic_temperature.plateau_delta")
     config_lib.check_int(config, "rl.dynamic_temperature.samples", 1)
     if not 0.0 <= dynamic.tolerance < 1.0:
         raise ConfigError(f"config.rl.dynamic_temperature.tolerance: must be in [0, 1), got "
@@ -170,15 +178,20 @@ def validate_grpo(config) -> None:
     for field in ("pool", "samples", "zero_at"):
         config_lib.check_int(config, f"rl.curriculum.{field}", 1)
     config_lib.check_int(config, "rl.curriculum.switch_step", 0)
+    config_lib.check_int(config, "rl.curriculum.plateau_window", 0)
+    config_lib.check_float(config, "rl.curriculum.plateau_delta")
     config_lib.check_int(config, "rl.curriculum.nonzero_at", curriculum.zero_at + 1)
     if not 0.0 <= curriculum.low < curriculum.high <= 1.0:
         raise ConfigError(f"config.rl.curriculum: needs 0 <= low < high <= 1, got low="
                           f"{curriculum.low}, high={curriculum.high}")
-    if dynamic.every:
+    if dynamic.every or dynamic.plateau_window:
         temperatures(config)  # raises naming a bad entry
         if not config.eval.task:
-            raise ConfigError("config.rl.dynamic_temperature.every: needs held-out problems "
+            raise ConfigError("config.rl.dynamic_temperature: needs held-out problems "
                               "(config.eval.task is empty)")
+    if dynamic.plateau_window and not config.eval.every:
+        raise ConfigError("config.rl.dynamic_temperature.plateau_window: needs periodic "
+                          "held-out evaluations (config.eval.every is 0)")
     for field in ("eps_low", "eps_high", "kl_beta", "bias_rate", "clip_c"):
         config_lib.check_float(config, f"rl.{field}")
     if rl.clip_c and rl.clip_c <= 1:
@@ -453,12 +466,16 @@ def grpo(config) -> list[dict]:
     policy_logp = make_policy_logp(graphdef)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     start, position, temperature, stage = 0, 0, float(config.rl.temperature), 1
+    # the plateau triggers' histories: stage-1 training rewards, held-out rewards since the last
+    # temperature choice; and the step of the stage switch (its policy screened stage 2)
+    history = {"train_rewards": [], "eval_rewards": [], "switched_at": 0}
     restored = checkpointer.restore_latest(lambda step: checkpointer.restore(step, state))
     if restored is not None:
         start, (state, data_state) = restored
         position = int(data_state["position"])
         temperature = float(data_state.get("temperature", temperature))
         stage = int(data_state.get("stage", stage))
+        history.update({k: data_state[k] for k in history if k in data_state})
         logging.warning("resumed GRPO from step %d", start)
     logger = MetricsLogger(workdir, start_step=start, total_steps=config.steps)
     rl = config.rl
@@ -488,6 +505,7 @@ def grpo(config) -> list[dict]:
                                  max_turns=rl.max_turns)
         row["eval_reward"] = row.pop("eval_accuracy")
         row["eval_seconds"] = time.perf_counter() - tick
+        history["eval_rewards"].append(row["eval_reward"])
         logger.log(step, row)
         logged.append({"step": step, **row})
         curve.append({"step": step, **row})
@@ -530,7 +548,7 @@ def grpo(config) -> list[dict]:
         policy of the switch step); -> its prompts."""
         tick = time.perf_counter()
         chosen, row = curriculum_stage(number, train_set, sample_rewards, cache, config,
-                                       policy_step=0 if number == 1 else rl.curriculum.switch_step)
+                                       policy_step=0 if number == 1 else history["switched_at"])
         row["screen_seconds"] = time.perf_counter() - tick
         if not chosen:
             logging.warning("curriculum stage %d selected no prompt: keeping the previous set",
@@ -560,8 +578,11 @@ def grpo(config) -> list[dict]:
                 stage_set = enter_stage(2, -1) or stage_fallback
         stream = PromptStream(stage_set, config.seed + stage - 1, position)
         for step in range(start, config.steps):
-            if rl.curriculum.enabled and stage == 1 and step == rl.curriculum.switch_step > 0:
-                stage = 2
+            if rl.curriculum.enabled and stage == 1 and _switch_now(step, history, config):
+                stage, history["switched_at"] = 2, step
+                logging.warning("step %d: curriculum stage 2 (%s)", step,
+                                "fixed step" if step == rl.curriculum.switch_step
+                                else "stage-1 reward plateaued")
                 stream = PromptStream(enter_stage(2, step) or stage_fallback, config.seed + 1, 0)
             tick = time.perf_counter()
             episode_stats = EpisodeStats()
@@ -574,6 +595,8 @@ def grpo(config) -> list[dict]:
                    "rollout_temperature": temperature}
             if rl.curriculum.enabled:
                 row["curriculum_stage"] = float(stage)
+                if stage == 1:
+                    history["train_rewards"].append(row["reward_mean"])
             if agentic:
                 row.update(episode_stats.as_metrics())
             row["rollout_tokens_per_second"] = row["generated_tokens"] / rollout_seconds
@@ -608,20 +631,42 @@ def grpo(config) -> list[dict]:
             if heldout and config.eval.every and (done % config.eval.every == 0
                                                   or done == config.steps):
                 run_eval(done)
-            if rl.dynamic_temperature.every and done % rl.dynamic_temperature.every == 0:
+            if _tune_now(done, history, config):
                 tuned = tune_temperature(done)
                 temperature = tuned["rollout_temperature"]
+                history["eval_rewards"] = []  # the next plateau is measured from here
                 logger.log(done, tuned)
                 logged.append({"step": done, **tuned})
             if done % config.checkpoint_every == 0 or done == config.steps:
                 checkpointer.save(done, state, {"position": stream.position,
-                                                "temperature": temperature, "stage": stage})
+                                                "temperature": temperature, "stage": stage,
+                                                **history})
         checkpointer.wait()
     finally:
         checkpointer.close()
         logger.close()
         pool.close()
     return logged
+
+
+def _switch_now(step: int, history: dict, config) -> bool:
+    """The curriculum's stage-1 -> stage-2 switch: at `switch_step`, or on a reward plateau."""
+    cur = config.rl.curriculum
+    if step == cur.switch_step > 0:
+        return True
+    return bool(cur.plateau_window) and plateaued(history["train_rewards"],
+                                                  window=cur.plateau_window,
+                                                  min_delta=cur.plateau_delta)
+
+
+def _tune_now(done: int, history: dict, config) -> bool:
+    """The dynamic temperature's trigger: every `every` steps, or on a held-out plateau."""
+    dynamic = config.rl.dynamic_temperature
+    if dynamic.every and done % dynamic.every == 0:
+        return True
+    return bool(dynamic.plateau_window) and plateaued(history["eval_rewards"],
+                                                      window=dynamic.plateau_window,
+                                                      min_delta=dynamic.plateau_delta)
 
 
 def _committed(state, mesh):
