@@ -1,7 +1,7 @@
 """Chat SFT of the `tiny` model on the built-in verifiable tasks (addition, sorting, calculator
-tool calls, and answers read from the calculator's response), hybrid thinking: CPU, minutes.
-From a fresh model unless --config.init names a training workdir or a Hugging Face directory.
-`configs/sft_tiny.py:N` trains N steps (the schedule fitted to them) instead of 400."""
+tool calls), hybrid thinking: CPU, minutes. From a fresh model unless --config.init names a
+training workdir or a Hugging Face directory. `configs/sft_tiny.py:N` trains N steps (the
+schedule fitted to them) instead of 400."""
 
 from glm_jax.train.sft import sft_base_config
 
@@ -18,7 +18,8 @@ def get_config(steps: str = "400"):
     config.warmup_steps = 30
     config.peak_learning_rate = 1e-2
     config.floor_learning_rate = 1e-3
-    config.seq_len = 320  # a whole calculator episode (call, response, answer: ~280 tokens)
+    config.seq_len = 256
+    config.sft.kinds = "add,sort,calculator"  # the multi-turn kind: sft_tiny_agentic.py
     config.batch_size = 16
     config.log_every = 10
     config.checkpoint_every = 100

@@ -221,3 +221,24 @@ def test_sft_from_a_workdir_starts_from_its_weights(sft_run, tmp_path):
         assert first_eval[name] == pytest.approx(source_last[name], rel=1e-5), name
     with open(f"{source.workdir}/tokenizer.json") as f:
         assert (tmp_path / "continued" / "tokenizer.json").read_text() == f.read()
+
+
+def test_sft_from_an_empty_workdir_first_runs_its_init_sft_config(sft_run, tmp_path):
+    from glm_jax.train.sft import has_checkpoint, sft
+
+    first = tmp_path / "first.py"
+    first.write_text("from configs import sft_tiny\n\n\n"
+                     "def get_config(steps):\n"
+                     "    config = sft_tiny.get_config(steps)\n"
+                     "    config.seq_len, config.batch_size, config.warmup_steps = 128, 8, 1\n"
+                     "    config.sft.train_problems, config.eval.task = 300, ''\n"
+                     "    return config\n")
+    source, _ = sft_run
+    config = source.copy_and_resolve_references()
+    config.init, config.init_sft_config = str(tmp_path / "first_run"), f"{first}:2"
+    config.workdir = str(tmp_path / "continued")
+    config.steps, config.schedule_steps, config.warmup_steps, config.eval.task = 1, 2, 1, ""
+    assert [r["step"] for r in sft(config) if "loss" in r] == [1]
+    assert has_checkpoint(tmp_path / "first_run") and has_checkpoint(tmp_path / "continued")
+    assert ((tmp_path / "first_run" / "tokenizer.json").read_text()
+            == (tmp_path / "continued" / "tokenizer.json").read_text())

@@ -31,7 +31,6 @@ only; the held-out score always plays them so.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -63,6 +62,7 @@ from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.loop import (MODEL_CONFIG_FILE, build_optimizer, load_workdir,
                                 save_model_config, training_mesh)
 from glm_jax.train.metrics import MetricsLogger, read_records, write_reward_curve
+from glm_jax.train.sft import check_init_sft_config, has_checkpoint, run_sft_config
 from glm_jax.train.step import TrainState
 
 PRESETS = {
@@ -217,9 +217,7 @@ def validate_grpo(config) -> None:
         raise ConfigError("config.rl.task: empty (use 'builtin' or a JSONL of prompts)")
     if not config.init:
         raise ConfigError("config.init: empty; name the starting policy's workdir (an SFT run)")
-    sft_file = _split_config_arg(config.init_sft_config)[0]
-    if config.init_sft_config and not Path(sft_file).is_file():
-        raise ConfigError(f"config.init_sft_config: {config.init_sft_config!r} is not a file")
+    check_init_sft_config(config)
     init = Path(config.init)
     if not config.init_sft_config and not ((init / MODEL_CONFIG_FILE).is_file()
                                            or (init / "config.json").is_file()):
@@ -300,27 +298,6 @@ class PromptStream:
         return out
 
 
-def _split_config_arg(spec: str) -> tuple[str, str | None]:
-    """`file.py[:arg]` -> (file, arg), as `--config=file.py:arg` reads it."""
-    path, sep, arg = spec.rpartition(":")
-    return (path, arg) if sep and path.endswith(".py") else (spec, None)
-
-
-def _run_sft_into(path: Path, config_spec: str) -> None:
-    """Runs the SFT config `config_spec` (`file.py[:arg]`) with its workdir set to `path`
-    (resumes if begun)."""
-    from glm_jax.train.sft import sft
-
-    config_file, arg = _split_config_arg(config_spec)
-    spec = importlib.util.spec_from_file_location("_init_sft_config", config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sft_config = module.get_config() if arg is None else module.get_config(arg)
-    sft_config.workdir = str(path)
-    logging.warning("no policy at %s: running the SFT config %s first", path, config_spec)
-    sft(sft_config)
-
-
 def starting_policy(config, mesh):
     """-> (model, tokenizer) from config.init (a Hugging Face directory or a training workdir),
     running config.init_sft_config into the workdir first when it holds no checkpoint."""
@@ -329,12 +306,10 @@ def starting_policy(config, mesh):
         tokenizer = load_tokenizer(init / "tokenizer.json")
         check_chat_tokens(tokenizer, init / "tokenizer.json")
         return load_hf(init, mesh=mesh), tokenizer
-    has_checkpoint = (init / "checkpoints").is_dir() and any(
-        p.name.isdigit() for p in (init / "checkpoints").iterdir())
-    if not has_checkpoint:
+    if not has_checkpoint(init):
         if not config.init_sft_config:
             raise ConfigError(f"config.init: {init} holds no checkpoint")
-        _run_sft_into(init, config.init_sft_config)
+        run_sft_config(init, config.init_sft_config)
     model, tokenizer = load_workdir(init, mesh=mesh)
     check_chat_tokens(tokenizer, init / "tokenizer.json")
     return model, tokenizer

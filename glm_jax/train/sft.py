@@ -4,7 +4,9 @@ Conversations (the built-in verifiable tasks, or a JSONL of OpenAI-style chats) 
 through the GLM-4.5 template, a configured fraction in non-thinking mode, tokenised with the
 loss on the assistant's tokens only (glm_jax.data.chat), packed with segment ids and trained
 with the same jitted step, optimizer, checkpoints and metrics as pre-training. The starting
-policy is a training workdir, a Hugging Face directory, or (tiny configs) a fresh model.
+policy is a training workdir, a Hugging Face directory, or (tiny configs) a fresh model; a
+workdir without a checkpoint is first trained by the SFT config `init_sft_config` names, so
+configs chain (`sft_tiny_agentic` continues `sft_tiny`, GRPO continues either).
 Held-out task accuracy and the bits per byte of the worked held-out conversations (thinking:
 `eval_*`, non-thinking: `eval_nothink_*`) are logged at the start, every `eval.every` steps and
 at the end, by the evaluation harness the `eval` command and the RL loop use.
@@ -12,6 +14,7 @@ at the end, by the evaluation harness the `eval` command and the RL loop use.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import grain
@@ -40,6 +43,7 @@ def sft_base_config():
     config = config_lib.base_config()
     config.workdir = "workdir/sft"
     config.init = ""  # a training workdir or a Hugging Face directory; "" = a fresh model
+    config.init_sft_config = ""  # an SFT config (file.py[:arg]) run into `init` when it is empty
     config.sft = ml_collections.ConfigDict(dict(
         data="builtin",  # "builtin" (glm_jax.data.tasks) or a JSONL of conversations
         kinds=",".join(tasks.KINDS),  # built-in task kinds
@@ -90,10 +94,43 @@ def validate_sft(config) -> None:
         raise ConfigError(f"config.sft.data: {config.sft.data!r} is neither 'builtin' nor a file")
     if config.eval.task not in ("builtin", "") and not Path(config.eval.task).is_file():
         raise ConfigError(f"config.eval.task: {config.eval.task!r} is not 'builtin', '' or a file")
-    if config.init and not Path(config.init).is_dir():
-        raise ConfigError(f"config.init: {config.init!r} is not a directory")
+    check_init_sft_config(config)
+    if config.init and not config.init_sft_config and not Path(config.init).is_dir():
+        raise ConfigError(f"config.init: {config.init!r} is not a directory (and no "
+                          "init_sft_config to create it)")
     if not config.init:
         config_lib.check_tokenizer(config, (Path(config.workdir) / "tokenizer.json").exists())
+
+
+def check_init_sft_config(config) -> None:
+    """config.init_sft_config is empty or names an existing config file."""
+    path = split_config_arg(config.init_sft_config)[0]
+    if config.init_sft_config and not Path(path).is_file():
+        raise ConfigError(f"config.init_sft_config: {config.init_sft_config!r} is not a file")
+
+
+def split_config_arg(spec: str) -> tuple[str, str | None]:
+    """`file.py[:arg]` -> (file, arg), as `--config=file.py:arg` reads it."""
+    path, sep, arg = spec.rpartition(":")
+    return (path, arg) if sep and path.endswith(".py") else (spec, None)
+
+
+def has_checkpoint(workdir: Path) -> bool:
+    checkpoints = Path(workdir) / "checkpoints"
+    return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+
+
+def run_sft_config(workdir: Path, config_spec: str) -> None:
+    """Runs the SFT config `config_spec` (`file.py[:arg]`) with its workdir set to `workdir`
+    (resumes if begun)."""
+    config_file, arg = split_config_arg(config_spec)
+    spec = importlib.util.spec_from_file_location("_init_sft_config", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sft_config = module.get_config() if arg is None else module.get_config(arg)
+    sft_config.workdir = str(workdir)
+    logging.warning("no policy at %s: running the SFT config %s first", workdir, config_spec)
+    sft(sft_config)
 
 
 def _kinds(text: str, field: str) -> tuple[str, ...]:
@@ -182,6 +219,11 @@ def sft(config) -> list[dict]:
     """Runs until `config.steps`; resumes from the workdir's checkpoint; returns the logged
     metrics (training rows and eval_* rows)."""
     validate_sft(config)
+    if config.init and not (Path(config.init) / "config.json").exists() and not has_checkpoint(
+            Path(config.init)):
+        if not config.init_sft_config:
+            raise ConfigError(f"config.init: {config.init} holds no checkpoint")
+        run_sft_config(Path(config.init), config.init_sft_config)
     workdir = Path(config.workdir)
     records = conversations(config)
     heldout = heldout_problems(config)
