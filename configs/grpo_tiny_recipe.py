@@ -30,6 +30,7 @@ def get_config(algorithm: str = "grpo"):
     config.steps = config.schedule_steps = 30
     config.rl.groups_per_step = 4
     config.eval.problems = 30
+    config.eval.every, config.checkpoint_every = 10, 10
     cur = config.rl.curriculum
     cur.enabled, cur.pool, cur.samples = True, 64, 8
     cur.switch_step, cur.plateau_window, cur.plateau_delta = 15, 5, 0.01
