@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from experiments import commands
 from glm_jax import distributed
+from glm_jax.data import tasks
 from glm_jax.errors import InputError
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)")
@@ -43,6 +44,8 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_string("task", "builtin", "eval, distill: 'builtin' (the task family) or a JSONL of "
                     "prompts with references")
 flags.DEFINE_string("split", "heldout", "eval, distill: the built-in task's split")
+flags.DEFINE_string("kinds", ",".join(tasks.KINDS), "eval, distill: the built-in task's kinds "
+                    "(comma-separated; the mix a policy was trained on, e.g. add,sort,calculator)")
 flags.DEFINE_integer("problems", 64, "eval, distill: number of prompts")
 flags.DEFINE_integer("samples", 1, "eval, distill: responses sampled per prompt")
 flags.DEFINE_string("k", "1", "eval: pass@k for each k (comma-separated, <= --samples)")

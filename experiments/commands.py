@@ -113,7 +113,8 @@ def _problems(flags):
     if flags.task == "builtin":
         if flags.split not in ("train", "heldout"):
             raise InputError(f"--split must be 'train' or 'heldout', got {flags.split!r}")
-        return tasks.problems(flags.split, flags.problems, seed=flags.seed)
+        return tasks.problems(flags.split, flags.problems, seed=flags.seed,
+                              kinds=tasks.parse_kinds(flags.kinds, "--kinds"))
     if not Path(flags.task).is_file():
         raise InputError(f"--task {flags.task!r}: neither 'builtin' nor a file")
     return tasks.load_problems(flags.task)[:flags.problems]

@@ -90,6 +90,7 @@ def _fails(args, message, stdin=""):
     (["eval", "--checkpoint=.", "--k=1,8", "--samples=4"], "fewer than the largest k 8"),
     (["eval", "--checkpoint=.", "--modes=think,fast"], "--modes must be among think,nothink"),
     (["eval", "--checkpoint=.", "--task=nosuch.jsonl"], "--task 'nosuch.jsonl': neither"),
+    (["eval", "--checkpoint=.", "--kinds=add,chess"], "--kinds: kinds must be among"),
     (["distill", "--out=x.jsonl"], "distill needs --teachers=DIR"),
     (["distill", "--teachers=.", "--samples=4", "--temperature=0"], "needs --out"),
     (["generate", "--checkpoint="], "needs --checkpoint=DIR"),

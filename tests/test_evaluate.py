@@ -184,7 +184,8 @@ def test_eval_command_reproduces_the_logged_evaluation(sft_run):
     config, _ = sft_run
     last = [json.loads(line) for line in open(f"{config.workdir}/metrics.jsonl")][-1]
     out = _experiments("eval", f"--checkpoint={config.workdir}", "--problems=6", "--steps=12",
-                       "--batch_size=8", "--reward_workers=0", "--temperature=0")
+                       "--batch_size=8", "--reward_workers=0", "--temperature=0",
+                       f"--kinds={config.sft.kinds}")  # the held-out mix the SFT run scored
     rows = {r["mode"]: r for r in map(json.loads, [l for l in out.splitlines() if l.startswith("{")])}
     for mode, prefix in (("think", "eval_"), ("nothink", "eval_nothink_")):
         for name in ("accuracy", "response_len", "truncated_frac", "accuracy_calculator",

@@ -20,6 +20,8 @@ import hashlib
 import random
 from typing import Any, Iterator
 
+from glm_jax.errors import InputError
+
 KINDS = ("add", "sort", "calculator", "calculator_answer")
 _SHARED_STREAM_KINDS = ("add", "sort", "calculator")  # one stream, as before kinds were added
 HELDOUT_PERCENT = 10
@@ -107,6 +109,15 @@ def _draw(kind: str, rng: random.Random) -> Problem:
     if kind == "calculator_answer":
         return _calculator_answer(rng)
     raise ValueError(f"unknown task kind {kind!r}; the kinds are {KINDS}")
+
+
+def parse_kinds(text: str, what: str) -> tuple[str, ...]:
+    """A comma-separated list of task kinds; `what` (a config field or a flag) names it in the
+    error for an empty list or an unknown kind."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds or set(kinds) - set(KINDS):
+        raise InputError(f"{what}: kinds must be among {KINDS}, got {text!r}")
+    return kinds
 
 
 def problems(split: str, count: int, *, kinds=KINDS, seed: int = 0) -> list[Problem]:

@@ -242,11 +242,7 @@ def temperatures(config) -> tuple[float, ...]:
 
 
 def _kinds(config) -> tuple[str, ...]:
-    kinds = tuple(k.strip() for k in config.rl.kinds.split(",") if k.strip())
-    if not kinds or set(kinds) - set(tasks.KINDS):
-        raise ConfigError(f"config.rl.kinds: kinds must be among {tasks.KINDS}, got "
-                          f"{config.rl.kinds!r}")
-    return kinds
+    return tasks.parse_kinds(config.rl.kinds, "config.rl.kinds")
 
 
 def train_problems(config) -> list[tasks.Problem]:

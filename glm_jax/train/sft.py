@@ -89,7 +89,7 @@ def validate_sft(config) -> None:
                           f"{config.sft.packing!r}")
     if config.sft.data == "builtin":
         config_lib.check_int(config, "sft.train_problems", 1)
-        _kinds(config.sft.kinds, "sft.kinds")
+        _kinds(config)
     elif not Path(config.sft.data).is_file():
         raise ConfigError(f"config.sft.data: {config.sft.data!r} is neither 'builtin' nor a file")
     if config.eval.task not in ("builtin", "") and not Path(config.eval.task).is_file():
@@ -133,25 +133,22 @@ def run_sft_config(workdir: Path, config_spec: str) -> None:
     sft(sft_config)
 
 
-def _kinds(text: str, field: str) -> tuple[str, ...]:
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = set(kinds) - set(tasks.KINDS)
-    if not kinds or unknown:
-        raise ConfigError(f"config.{field}: kinds must be among {tasks.KINDS}, got {text!r}")
-    return kinds
+
+def _kinds(config) -> tuple[str, ...]:
+    return tasks.parse_kinds(config.sft.kinds, "config.sft.kinds")
 
 
 def conversations(config) -> list[dict]:
     if config.sft.data == "builtin":
-        problems = tasks.problems("train", config.sft.train_problems,
-                                  kinds=_kinds(config.sft.kinds, "sft.kinds"), seed=config.seed)
+        problems = tasks.problems("train", config.sft.train_problems, kinds=_kinds(config),
+                                  seed=config.seed)
         return [tasks.conversation(p) for p in problems]
     return chat_data.load_conversations(config.sft.data, on_bad_record=config.sft.on_bad_record)
 
 
 def heldout_problems(config) -> list:
     if config.eval.task == "builtin":
-        kinds = _kinds(config.sft.kinds, "sft.kinds") if config.sft.data == "builtin" else tasks.KINDS
+        kinds = _kinds(config) if config.sft.data == "builtin" else tasks.KINDS
         return tasks.problems("heldout", config.eval.problems, kinds=kinds, seed=config.seed)
     if config.eval.task:
         return tasks.load_problems(config.eval.task)[:config.eval.problems]
