@@ -11,6 +11,7 @@ The memory-bandwidth bound (bytes of weights touched per decode step / HBM bandw
 where the device's bandwidth is known.
 
 rewards: completions scored per second by each verifiable reward, in process and pooled.
+train: our whole training step against transformers' forward + backward (tokens/s, MFU, memory).
 all: every benchmark in one call.
 """
 
@@ -21,6 +22,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -248,12 +250,108 @@ def rewards_bench(preset: str = "", count: int = 256) -> None:
         _emit(row)
 
 
+# The CPU side-by-side of the fast-paths issue: a small GLM that CI and the tiny demos resemble.
+CPU_TRAIN_CONFIG = dict(hidden_size=256, num_hidden_layers=4, n_routed_experts=16,
+                        num_experts_per_tok=4, intermediate_size=512, moe_intermediate_size=128,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+def _train_batch(config, batch: int, seq: int) -> dict:
+    """One micro-batch of random tokens in the step's [micro, B, S] layout."""
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq + 1))
+    positions = np.broadcast_to(np.arange(seq), (1, batch, seq))
+    return {"input_ids": jnp.asarray(ids[..., :-1], jnp.int32),
+            "target_ids": jnp.asarray(ids[..., 1:], jnp.int32),
+            "segment_ids": jnp.ones((1, batch, seq), jnp.int32),
+            "positions": jnp.asarray(positions, jnp.int32),
+            "loss_mask": jnp.ones((1, batch, seq), jnp.float32)}
+
+
+def _transformers_train(model, batch: dict, dtype_name: str):
+    """tokens/s of transformers' forward + backward (sdpa, grouped_mm experts) on the same
+    weights, or None without torch."""
+    try:
+        import torch
+        from transformers import Glm4MoeForCausalLM
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, f"{tmp}/m")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        reference = Glm4MoeForCausalLM.from_pretrained(
+            f"{tmp}/m", dtype=getattr(torch, dtype_name), attn_implementation="sdpa",
+            experts_implementation="grouped_mm").to(device).train()
+    ids = torch.tensor(np.asarray(batch["input_ids"][0]), device=device)
+
+    def run():
+        reference.zero_grad(set_to_none=True)
+        reference(input_ids=ids, labels=ids).loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return ids.numel() / _time(run, repeats=2)
+
+
+def train_bench(preset: str = "glm45_mini") -> None:
+    """Our whole training step (forward, backward, Muon, balance-bias update): tokens/s, MFU,
+    XLA's temporaries and the device's peak memory, beside transformers' forward + backward.
+    On CPU the small `CPU_TRAIN_CONFIG` model at 8 x 256 tokens in float32; on an accelerator
+    the preset at 2 x 4,096 tokens in bfloat16."""
+    from glm_jax.optim import muon
+    from glm_jax.train.flops import peak_flops, train_flops_per_token
+    from glm_jax.train.step import StepConfig, TrainState, make_train_step
+
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu:
+        name, dtype, rows, seq = "cpu_small", "float32", 8, 256
+        config = ModelConfig.preset("tiny", **CPU_TRAIN_CONFIG)
+    else:
+        name, dtype, rows, seq = preset, "bfloat16", 2, 4096
+        config = ModelConfig.preset(preset, dtype=dtype)
+    model = nnx.jit(lambda: GlmMoeModel(config, rngs=nnx.Rngs(0)))()
+    batch = _train_batch(config, rows, seq)
+    peer = _transformers_train(model, batch, dtype)
+    optimizer = muon(1e-3)
+    graphdef, state = TrainState.create(model, optimizer)
+    del model
+    step = make_train_step(graphdef, optimizer, StepConfig(mtp_weight=0.0, mtp_weight_after=0.0),
+                           1e-3)
+    compiled = step.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    holder, losses = {"state": state}, []
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
+        losses.append(float(metrics["loss"]))  # waits for the step
+
+    first, seconds = _time_first(run)
+    tokens_per_s = rows * seq / seconds
+    device = jax.devices()[0]
+    record = {"bench": "train", "model": name, "device": device.device_kind, "dtype": dtype,
+              "batch": rows, "seq": seq, "first_step_s": round(first, 3),
+              "step_s": round(seconds, 4), "glm_jax_tokens_per_s": round(tokens_per_s, 1),
+              "temp_GiB": round(memory.temp_size_in_bytes / 2**30, 3),
+              "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+              "jax": jax.__version__}
+    peak = peak_flops(device.device_kind)
+    if peak:
+        record["mfu"] = round(tokens_per_s * train_flops_per_token(config, seq) / peak, 4)
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        record["peak_GiB"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
+    if peer is not None:
+        record.update(transformers_tokens_per_s=round(peer, 1),
+                      ratio=round(tokens_per_s / peer, 2))
+    _emit(record)
+
+
 def all_benchmarks(preset: str = "glm45_mini") -> None:
     """Every benchmark in one call (what a lent GPU runs)."""
     rewards_bench()
     decode(preset)
     kernels_bench(preset)
+    train_bench(preset)
 
 
 BENCHMARKS = {"decode": decode, "kernels": kernels_bench, "rewards": rewards_bench,
-              "all": all_benchmarks}
+              "train": train_bench, "all": all_benchmarks}

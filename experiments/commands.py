@@ -347,7 +347,7 @@ def plan(flags) -> None:
 
 
 def bench(flags) -> None:
-    """JSON-line benchmarks against peers in the same run: --what=decode|kernels [--preset]."""
+    """Benchmarks as JSON lines, peers in the same run: --what=decode|kernels|rewards|train|all."""
     from experiments import bench as benchmarks
 
     if flags.what not in benchmarks.BENCHMARKS:

@@ -28,6 +28,7 @@ from glm_jax.errors import InputError
 from glm_jax.optim import batch_size_schedule, muon, warmup_cosine
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.config import validate_pretrain
+from glm_jax.train.flops import train_flops_per_token
 from glm_jax.train.metrics import MetricsLogger
 from glm_jax.train.step import StepConfig, TrainState, make_train_step
 
@@ -59,14 +60,6 @@ def build_optimizer(config):
 def model_config(config, vocab_size: int) -> ModelConfig:
     overrides = dict(config.model.overrides)
     return ModelConfig.preset(config.model.preset, **{"vocab_size": vocab_size, **overrides})
-
-
-def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active matmul parameters + causal attention."""
-    active = model_cfg.param_counts()["active"] - model_cfg.vocab_size * model_cfg.hidden_size
-    attention = 6 * model_cfg.num_hidden_layers * seq_len * (
-        model_cfg.num_attention_heads * model_cfg.head_dim)
-    return 6 * active + attention
 
 
 def training_mesh(config):
@@ -160,7 +153,7 @@ def train(config, workdir: Path, graphdef, state: TrainState, train_step, pipeli
         logging.info("resumed from step %d", start)
     logger = MetricsLogger(workdir, start_step=start, total_steps=config.steps,
                            enabled=jax.process_index() == 0)
-    flops = flops_per_token(model_cfg, config.seq_len)
+    flops = train_flops_per_token(model_cfg, config.seq_len)
     peak = config.peak_flops_per_device * jax.device_count()
     eval_every = config.eval.every if evaluate is not None else 0
     logged = []
