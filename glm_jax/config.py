@@ -14,6 +14,9 @@ import jax.numpy as jnp
 from glm_jax.errors import ConfigError
 
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn")
+# How we run the model, not what it is: never written to nor read from an HF config.json.
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "attention_block_size")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,12 +51,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls; the router is always float32
     remat: str = "none"  # rematerialisation of each scanned layer: one of _REMAT_POLICIES
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS; see glm_jax.model.attention
+    attention_block_size: int = 256  # query / key block of the blockwise attention
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                     "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
-                    "max_position_embeddings")
+                    "max_position_embeddings", "attention_block_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -100,6 +105,9 @@ class ModelConfig:
                 _fail(name, f"must be float32, bfloat16 or float16, got {value!r}")
         if self.remat not in _REMAT_POLICIES:
             _fail("remat", f"must be one of {_REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            _fail("attention_impl",
+                  f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -141,7 +149,7 @@ class ModelConfig:
         if rope_type != "default":
             raise ConfigError(f"rope_type {rope_type!r} is unsupported (only 'default')")
         kwargs: dict[str, Any] = {}
-        hf_fields = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype", "remat"}
+        hf_fields = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
         for name in hf_fields:
             if name in hf and hf[name] is not None:
                 kwargs[name] = hf[name]
@@ -163,7 +171,7 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers' Glm4MoeConfig reads (Hub layout, top-level rope keys)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("param_dtype", "dtype", "remat")}
+               if f.name not in _RUNTIME_FIELDS}
         out.update(
             architectures=["Glm4MoeForCausalLM"],
             model_type="glm4_moe",

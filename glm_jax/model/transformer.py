@@ -116,10 +116,15 @@ class MultiTokenPredictor(nnx.Module):
 
     def __call__(self, hidden, next_ids, cos, sin, mask, cache=None):
         """-> (logits, MoeStats, updated kv or None); `cache` as for Attention."""
+        x, stats, kv = self.final_hidden(hidden, next_ids, cos, sin, mask, cache)
+        return self.shared_head.head(x), stats, kv
+
+    def final_hidden(self, hidden, next_ids, cos, sin, mask, cache=None):
+        """As __call__, stopping before the shared head's projection: its input [B, S, H]."""
         e = self.enorm(self.embed_tokens(next_ids))
         x = self.eh_proj(jnp.concatenate([e, self.hnorm(hidden).astype(e.dtype)], axis=-1))
         x, stats, kv = self.layer(x, cos, sin, mask, cache)
-        return self.shared_head(x), stats, kv
+        return self.shared_head.norm(x), stats, kv
 
 
 class GlmMoeModel(nnx.Module):
@@ -207,6 +212,12 @@ class GlmMoeModel(nnx.Module):
 
     def mtp_forward(self, hidden, next_ids, *, segment_ids=None, positions=None):
         """As `mtp_logits`, also returning the MTP layer's MoeStats."""
+        x, stats = self.mtp_hidden(hidden, next_ids, segment_ids=segment_ids, positions=positions)
+        return self.mtp.shared_head.head(x), stats
+
+    def mtp_hidden(self, hidden, next_ids, *, segment_ids=None, positions=None):
+        """As `mtp_forward`, but the input of the projection `mtp.shared_head.head` [B, S, H]
+        instead of logits, for a loss that projects a chunk at a time."""
         if self.mtp is None:
             raise InputError("this model has no MTP layer (config.num_nextn_predict_layers == 0, "
                              "e.g. a checkpoint saved by transformers)")
@@ -214,8 +225,8 @@ class GlmMoeModel(nnx.Module):
         chex.assert_equal_shape_prefix([hidden, next_ids], 2)
         segment_ids, positions = resolve_segments(next_ids, segment_ids, positions, None)
         cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
-        logits, stats, _ = self.mtp(hidden, next_ids, cos, sin, segment_mask(segment_ids))
-        return logits, stats
+        x, stats, _ = self.mtp.final_hidden(hidden, next_ids, cos, sin, segment_mask(segment_ids))
+        return x, stats
 
     def mtp_cached(self, hidden, next_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """`mtp_logits` over the next S slots of an MTP cache (`KVCache.create(..., mtp=True)`),

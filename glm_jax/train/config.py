@@ -38,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.batch_warmup = ml_collections.ConfigDict(dict(start_batch=0, ramp_tokens=0, stages=4))
     config.step = ml_collections.ConfigDict(dict(
         mtp_weight=0.3, mtp_weight_after=0.1, mtp_weight_switch_step=-1, aux_weight=1e-4,
-        bias_rate=1e-3, bias_stop_step=-1, spike_factor=3.0, spike_warmup_steps=20))
+        bias_rate=1e-3, bias_stop_step=-1, spike_factor=3.0, spike_warmup_steps=20,
+        loss_chunk=256))  # positions per chunk of the chunked cross-entropy; 0 = full logits
     config.log_every = 10
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
@@ -112,6 +113,7 @@ def check_step(config, model: ModelConfig) -> None:
             config.step.mtp_weight_switch_step >= 0 and config.step.mtp_weight_after)):
         _fail("step.mtp_weight", f"is {config.step.mtp_weight} but the model has no MTP layer "
               "(num_nextn_predict_layers == 0): set step.mtp_weight=0 and step.mtp_weight_after=0")
+    check_int(config, "step.loss_chunk", 0)
 
 
 def check_optimizer(config) -> None:

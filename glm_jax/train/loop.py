@@ -44,7 +44,7 @@ def step_config(config) -> StepConfig:
         mtp_weight_switch_step=_none_if_negative(c.mtp_weight_switch_step),
         aux_weight=c.aux_weight, bias_rate=c.bias_rate,
         bias_stop_step=_none_if_negative(c.bias_stop_step), spike_factor=c.spike_factor,
-        spike_warmup_steps=c.spike_warmup_steps)
+        spike_warmup_steps=c.spike_warmup_steps, loss_chunk=c.loss_chunk)
 
 
 def build_optimizer(config):

@@ -34,6 +34,9 @@ class StepConfig:
     spike_factor: float = 3.0  # skip a step whose loss exceeds this multiple of its running mean
     spike_warmup_steps: int = 20  # the running mean needs a few steps before it means anything
     loss_ema_decay: float = 0.9
+    # Sequence positions per chunk of the chunked cross-entropy (never the full [B, S, V] float32
+    # logits, forward or backward); 0 = project all positions at once.
+    loss_chunk: int = 256
 
     @property
     def uses_mtp(self) -> bool:
@@ -67,6 +70,33 @@ def token_cross_entropy(logits, targets, mask):
     return jnp.sum(losses * mask)
 
 
+def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
+    """token_cross_entropy(head(hidden), targets, mask) over sequence chunks of at most `chunk`
+    positions, each chunk's logits rematerialised in the backward: only one [B, chunk, V] block
+    of logits exists at a time. hidden [B, S, H]; head: [..., H] -> [..., V], e.g. the lm_head."""
+    b, s, _ = hidden.shape
+    n = -(-s // chunk)
+    size = -(-s // n)  # even chunks of at most `chunk`: little padding
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, n * size - s)] + [(0, 0)] * (x.ndim - 2))
+    split = lambda x: jnp.moveaxis(pad(x).reshape(b, n, size, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def body(total, xs):
+        x, t, m = xs
+        return total + token_cross_entropy(head(x), t, m), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (split(hidden), split(targets), split(mask)))
+    return total
+
+
+def head_cross_entropy(head, hidden, targets, mask, chunk: int):
+    """The cross-entropy of head(hidden): chunked unless `chunk` is 0."""
+    if chunk:
+        return chunked_cross_entropy(head, hidden, targets, mask, chunk)
+    return token_cross_entropy(head(hidden), targets, mask)
+
+
 def mtp_targets(batch: Batch):
     """Row t of the MTP head predicts the token after target t: (targets [B, S], mask [B, S]).
     Valid only where t and t+1 both have real targets in the same document."""
@@ -91,7 +121,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         model = nnx.merge(graphdef, params, buffers)
         out = model.forward(micro["input_ids"], segment_ids=micro["segment_ids"],
                             positions=micro["positions"])
-        ce = token_cross_entropy(out.logits, micro["target_ids"], micro["loss_mask"])
+        ce = head_cross_entropy(model.lm_head, out.hidden, micro["target_ids"],
+                                micro["loss_mask"], cfg.loss_chunk)
         aux = (jnp.mean(out.moe_stats.seq_aux_loss) if out.moe_stats is not None
                else jnp.float32(0))
         loads = {"moe_layers": out.moe_stats.tokens_per_expert} if out.moe_stats else {}
@@ -99,11 +130,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         if model.mtp is None and cfg.uses_mtp:
             raise InputError(NO_MTP_MESSAGE.format(weight=cfg.mtp_weight))
         if model.mtp is not None:
-            logits, stats = model.mtp_forward(out.hidden, micro["target_ids"],
-                                              segment_ids=micro["segment_ids"],
-                                              positions=micro["positions"])
+            hidden, stats = model.mtp_hidden(out.hidden, micro["target_ids"],
+                                             segment_ids=micro["segment_ids"],
+                                             positions=micro["positions"])
             targets, mask = mtp_targets(micro)
-            mtp = token_cross_entropy(logits, targets, mask)
+            mtp = head_cross_entropy(model.mtp.shared_head.head, hidden, targets, mask,
+                                     cfg.loss_chunk)
             loads["mtp"] = stats.tokens_per_expert
         loss = (ce / norms["tokens"] + w_mtp * mtp / norms["mtp_tokens"]
                 + cfg.aux_weight * aux / n_micro)
