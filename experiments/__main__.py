@@ -28,7 +28,7 @@ flags.DEFINE_integer("process_id", None, "multi-process runs: this process's ind
 flags.DEFINE_string("checkpoint", None,
                     "Hugging Face directory, or a training workdir (generate, chat, convert, eval)")
 flags.DEFINE_integer("steps", 64, "tokens to sample (demo, generate, chat, eval, distill)")
-flags.DEFINE_string("prompt", "def ", "text to continue (demo, generate)")
+flags.DEFINE_string("prompt", "def", "text to continue (demo, generate)")
 flags.DEFINE_string("workdir", None, "workdir of the demo run (default: the config's)")
 flags.DEFINE_string("what", "decode", "bench: which benchmark")
 flags.DEFINE_string("preset", "glm45_mini", "bench: model preset")

@@ -28,23 +28,55 @@ def _demo_config():
     return demo_tiny.get_config()
 
 
+# The demo's fill-in-the-middle probe: the model writes the line between prefix and suffix.
+FIM_PREFIX = "class Point:\n    def __init__(self, x, y):\n        self.x = x\n"
+FIM_SUFFIX = "\n\n    def __repr__(self):\n        return f'Point({self.x}, {self.y})'\n"
+
+
 def demo(flags) -> None:
-    """Pre-train the tiny model on the local Python stdlib (CPU, minutes; resumes), then sample."""
+    """Pre-train the tiny model on the local Python stdlib (CPU, minutes; resumes), then sample.
+
+    Prints held-out bits per byte before and after, a sample, a fill-in-the-middle completion,
+    and where the TensorBoard logs, checkpoint and PNGs (loss curve, expert load) are."""
+    from glm_jax.data import CODE_MIDDLE, CODE_PREFIX, CODE_SUFFIX, EOT
     from glm_jax.infer import generate as run_generation
     from glm_jax.train.loop import load_workdir, pretrain
+    from glm_jax.train.metrics import read_records, write_loss_curve
 
     config = flags.config or _demo_config()
     config.workdir = flags.workdir or config.workdir
+    workdir = Path(config.workdir)
     sampling = _sampling(flags)
     logged = pretrain(config)
     if logged:
-        print(f"trained steps {logged[0]['step']}-{logged[-1]['step']}: loss "
-              f"{logged[0]['loss']:.3f} -> {logged[-1]['loss']:.3f}")
-    model, tokenizer = load_workdir(config.workdir)
-    out = run_generation(model, [tokenizer.encode(flags.prompt).ids], max_new_tokens=flags.steps,
-                         sampling=sampling, seeds=[flags.seed])
-    print(f"prompt: {flags.prompt!r}\nsample (temperature {flags.temperature}):\n"
-          f"{flags.prompt + tokenizer.decode(out.tokens[0, :out.lengths[0]].tolist())}")
+        steps = [r for r in logged if "loss" in r]
+        print(f"trained steps {steps[0]['step']}-{steps[-1]['step']}: loss "
+              f"{steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}")
+    records = read_records(workdir / "metrics.jsonl", config.steps)
+    print(_bits_per_byte_line(records, config))
+    model, tokenizer = load_workdir(workdir)
+    fim = f"{CODE_PREFIX}{FIM_PREFIX}{CODE_SUFFIX}{FIM_SUFFIX}{CODE_MIDDLE}"
+    out = run_generation(model, [tokenizer.encode(p).ids for p in (flags.prompt, fim)],
+                         max_new_tokens=flags.steps, sampling=sampling,
+                         stop_tokens=[tokenizer.token_to_id(EOT)], seeds=[flags.seed] * 2)
+    sample, middle = (tokenizer.decode(out.tokens[i, :out.lengths[i]].tolist()) for i in (0, 1))
+    print(f"sample (temperature {flags.temperature}):\n{flags.prompt + sample}")
+    print(f"fill-in-the-middle, the model's middle in [[ ]]:\n"
+          f"{FIM_PREFIX}[[{middle}]]{FIM_SUFFIX}")
+    write_loss_curve(records, workdir / "loss.png")
+    print(f"TensorBoard logs: {workdir / 'tensorboard'}  (tensorboard --logdir {workdir})\n"
+          f"checkpoint: {workdir / 'checkpoints' / str(config.steps)}\n"
+          f"PNGs: {workdir / 'loss.png'} {workdir / 'expert_load.png'}")
+
+
+def _bits_per_byte_line(records: list[dict], config) -> str:
+    scores = [r for r in records if "eval_bits_per_byte" in r]
+    if not scores:
+        return "held-out bits per byte: not measured (config.eval.heldout_chars = 0)"
+    first, last = scores[0], scores[-1]
+    return (f"held-out stdlib code ({config.eval.heldout_chars:,} characters of modules never "
+            f"trained on): {first['eval_bits_per_byte']:.3f} bits per byte at step "
+            f"{first['step']} -> {last['eval_bits_per_byte']:.3f} at step {last['step']}")
 
 
 def convert(flags) -> None:

@@ -148,3 +148,24 @@ def test_streamed_text_keeps_multibyte_characters(checkpoint):
     ids = tokenizer.encode(text).ids
     assert len(ids) > len(text) // 2  # byte-level pieces: characters span several tokens
     assert "".join(decoded_pieces(tokenizer, ids)) == text
+
+
+def test_demo_reports_learning_and_resumes(tmp_path):
+    workdir = tmp_path / "demo"
+    args = ["demo", f"--workdir={workdir}", "--steps=8", "--config=configs/demo_tiny.py",
+            "--config.steps=3", "--config.schedule_steps=3", "--config.warmup_steps=1",
+            "--config.eval.every=3", "--config.eval.heldout_chars=2000", "--config.seq_len=32",
+            "--config.batch_size=2", "--config.log_every=1", "--config.tokenizer_vocab_size=300",
+            "--config.model.overrides.num_hidden_layers=2", "--config.data.stdlib.max_files=51",
+            "--config.data.bpe_sample_chars=50000", "--config.num_devices=1"]
+    out = _run(args)
+    assert "compiled the train step in" in out
+    line = next(line for line in out.splitlines() if "bits per byte" in line)
+    before, after = map(float, re.findall(r"(\d+\.\d+) (?:bits per byte )?at step", line))
+    assert re.search(r"at step 0 -> .* at step 3$", line) and after < before
+    assert "fill-in-the-middle" in out and f"checkpoint: {workdir / 'checkpoints' / '3'}" in out
+    for png in ("loss.png", "expert_load.png"):
+        assert f"{workdir / png}" in out and (workdir / png).stat().st_size > 1000
+    again = _run(args)
+    assert "resumed from step 3" in again and "compiled the train step" not in again
+    assert line in again.splitlines()  # the same before/after, read back from metrics.jsonl

@@ -257,13 +257,18 @@ def test_bpe_is_trained_once_and_cached(tmp_path):
 # ---------------------------------------------------------------- stdlib corpus
 
 def test_stdlib_corpus_builds_into_buckets_and_feeds_the_pipeline(tmp_path, tokenizer):
-    paths = data.build_stdlib_corpus(tmp_path / "stdlib", max_files=4)
+    paths = data.build_stdlib_corpus(tmp_path / "stdlib", max_files=5)
     assert set(paths) == {"high", "medium", "low"}
     docs = [json.loads(line) for p in paths.values() for line in open(p)]
     modules = {d["path"] for d in docs if d["is_code"]}
     assert len(modules) == 4 and any(not d["is_code"] for d in docs)
+    heldout = [json.loads(line) for line in open(tmp_path / "stdlib" / "heldout.jsonl")]
+    assert len(heldout) == 1 and heldout[0]["is_code"]  # the first module: no text of it trains
+    assert all(d["path"] != heldout[0]["path"] for d in docs)
+    text = data.heldout_code(tmp_path / "stdlib", 300)
+    assert 0 < len(text) <= 300 and heldout[0]["text"].startswith(text)
     stamp = os.stat(tmp_path / "stdlib" / "manifest.json").st_mtime_ns
-    data.build_stdlib_corpus(tmp_path / "stdlib", max_files=4)
+    data.build_stdlib_corpus(tmp_path / "stdlib", max_files=5)
     assert os.stat(tmp_path / "stdlib" / "manifest.json").st_mtime_ns == stamp  # reused
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -274,7 +279,7 @@ def test_stdlib_corpus_builds_into_buckets_and_feeds_the_pipeline(tmp_path, toke
     assert corpus.prose_quality("Return the sum of the two numbers given, raising a helpful "
                                 "error when either of them is not numeric at all. " * 3) == "high"
     config = data.default_data_config()  # the default corpus, cut to a few modules
-    config.stdlib.max_files = 4
+    config.stdlib.max_files = 5
     config.read_threads = 1
     batch = next(iter(data.build_pipeline(config, tokenizer=tokenizer, seq_len=32, batch_size=2,
                                           seed=0, cache_dir=tmp_path)))

@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.tokenizer_vocab_size = 4096
     config.peak_flops_per_device = 0.0  # for MFU; 0 leaves MFU out (e.g. on CPU)
     config.data = default_data_config()
+    # Held-out bits per byte (`eval_bits_per_byte`) on `heldout_chars` characters of the stdlib
+    # corpus's held-out modules (0 = off), at the start, every `every` steps (0: start only)
+    # and at the end.
+    config.eval = ml_collections.ConfigDict(dict(heldout_chars=0, every=0))
     return config
 
 
@@ -109,11 +113,11 @@ def check_step(config, model: ModelConfig) -> None:
     for field in ("step.mtp_weight", "step.mtp_weight_after", "step.aux_weight",
                   "step.bias_rate", "step.spike_factor"):
         check_float(config, field)
+    check_int(config, "step.loss_chunk", 0)
     if not model.num_nextn_predict_layers and (config.step.mtp_weight or (
             config.step.mtp_weight_switch_step >= 0 and config.step.mtp_weight_after)):
         _fail("step.mtp_weight", f"is {config.step.mtp_weight} but the model has no MTP layer "
               "(num_nextn_predict_layers == 0): set step.mtp_weight=0 and step.mtp_weight_after=0")
-    check_int(config, "step.loss_chunk", 0)
 
 
 def check_optimizer(config) -> None:
@@ -154,6 +158,11 @@ def validate_pretrain(config, *, workdir_has_tokenizer: bool = False) -> ModelCo
     check_int(config, "log_every", 1)
     check_int(config, "checkpoint_every", 1)
     check_int(config, "keep_checkpoints", 1)
+    check_int(config, "eval.heldout_chars", 0)
+    check_int(config, "eval.every", 0)
+    if config.eval.heldout_chars and not config.data.stdlib.build:
+        _fail("eval.heldout_chars", "needs the stdlib corpus (data.stdlib.build=True): its "
+                                    "held-out modules are the text")
     check_batches(config)
     check_optimizer(config)
     check_mesh(config)

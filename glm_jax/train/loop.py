@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -74,6 +73,14 @@ def init_state(config, model_cfg: ModelConfig, optimizer, mesh):
     model = sharding.create_sharded(
         lambda: GlmMoeModel(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
     return TrainState.create(model, optimizer)
+
+
+def on_mesh(state, mesh):
+    """Every leaf placed on the mesh (scalars made outside it, like the step counter,
+    replicated): the jitted step then sees the same shardings on every call and compiles once."""
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                        else jax.device_put(x, replicated), state)
 
 
 def global_batch(batch: dict[str, np.ndarray], micro_batches: int, mesh) -> dict[str, jax.Array]:
@@ -145,14 +152,16 @@ def train(config, workdir: Path, graphdef, state: TrainState, train_step, pipeli
     accumulation = accumulation_schedule(config)
     batches = iter(pipeline)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    state = on_mesh(state, mesh)
     start = 0
     restored = checkpointer.restore_latest(lambda step: checkpointer.restore(step, state))
     if restored is not None:
         start, (state, data_state) = restored
         batches.set_state(data_state)
-        logging.info("resumed from step %d", start)
     logger = MetricsLogger(workdir, start_step=start, total_steps=config.steps,
                            enabled=jax.process_index() == 0)
+    if restored is not None:
+        logger.note(f"resumed from step {start} ({checkpointer.directory})")
     flops = train_flops_per_token(model_cfg, config.seq_len)
     peak = config.peak_flops_per_device * jax.device_count()
     eval_every = config.eval.every if evaluate is not None else 0
@@ -170,8 +179,12 @@ def train(config, workdir: Path, graphdef, state: TrainState, train_step, pipeli
     for step in range(start, config.steps):
         micro = [next(batches) for _ in range(accumulation(step))]
         batch = {k: np.concatenate([m[k] for m in micro]) for k in micro[0]}
+        began = time.perf_counter()
         with jax.set_mesh(mesh):
             state, metrics = train_step(state, global_batch(batch, len(micro), mesh))
+        if step == start:  # its time is the compilation's: said apart, not in the bar's rate
+            jax.block_until_ready(metrics)
+            logger.note(f"compiled the train step in {time.perf_counter() - began:.1f} s")
         done = step + 1
         tokens += len(micro) * micro_rows * processes * config.seq_len
         logger.advance()
@@ -214,7 +227,21 @@ def pretrain(config) -> list[dict]:
         batch_size=config.batch_size // config.micro_batches // processes,
         seed=config.seed, shard_index=jax.process_index(), shard_count=processes,
         cache_dir=workdir / "data")
-    return train(config, workdir, graphdef, state, train_step, pipeline, mesh, model_cfg)
+    evaluate = heldout_evaluation(config, tokenizer, workdir / "data" / "stdlib")
+    return train(config, workdir, graphdef, state, train_step, pipeline, mesh, model_cfg,
+                 evaluate=evaluate)
+
+
+def heldout_evaluation(config, tokenizer, corpus_dir):
+    """-> evaluate(model) -> {"eval_bits_per_byte"} on `config.eval.heldout_chars` of the
+    stdlib corpus's held-out modules, or None when that is 0."""
+    from glm_jax.rl.evaluate import bits_per_byte
+
+    if not config.eval.heldout_chars:
+        return None
+    text = data_lib.heldout_code(corpus_dir, config.eval.heldout_chars)
+    return lambda model: {"eval_bits_per_byte": bits_per_byte(model, tokenizer, [text],
+                                                              seq_len=config.seq_len)}
 
 
 def load_workdir(workdir, *, mesh=None):

@@ -1,5 +1,6 @@
 """Training metrics: `workdir/metrics.jsonl` (one JSON object per logged step), TensorBoard event
-files (tensorboardX), a PNG heatmap of expert load per MoE layer, and a tqdm progress bar."""
+files (tensorboardX), a PNG heatmap of expert load per MoE layer, loss and reward curves, and a
+tqdm progress bar."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ class MetricsLogger:
                  enabled: bool = True):
         self.workdir = Path(workdir)
         self.enabled = enabled
-        self.bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not enabled,
-                             dynamic_ncols=True, desc="train")
+        self.start_step, self.total_steps = start_step, total_steps
+        self.bar = None  # from the first step's end: compilation stays out of its rate
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -52,14 +53,24 @@ class MetricsLogger:
             if name != "step" and not isinstance(value, list):
                 self.tensorboard.add_scalar(name, value, step)
         shown = {k: f"{record[k]:.4g}" for k in POSTFIX if k in record}
-        if shown:
+        if shown and self.bar is not None:
             self.bar.set_postfix(shown)
 
     def advance(self, steps: int = 1) -> None:
-        self.bar.update(steps)
+        if self.bar is None:
+            self.bar = tqdm.tqdm(total=self.total_steps, initial=self.start_step + steps,
+                                 disable=not self.enabled, dynamic_ncols=True, desc="train")
+        else:
+            self.bar.update(steps)
+
+    def note(self, text: str) -> None:
+        """A line of its own above the bar (process 0)."""
+        if self.enabled:
+            tqdm.tqdm.write(text)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         if self.enabled:
             self.tensorboard.close()
 
@@ -111,13 +122,9 @@ def add_expert_histogram(writer: SummaryWriter, load: np.ndarray, step: int) -> 
 
 def write_load_heatmap(load: np.ndarray, path: Path, step: int) -> None:
     """Expert load per MoE layer relative to the mean (1.0 = perfectly balanced)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     relative = load / np.maximum(load.mean(axis=-1, keepdims=True), 1e-9)
     size = (min(16, max(4, load.shape[1] * 0.15 + 2)), min(12, max(2, load.shape[0] * 0.3 + 1)))
-    fig, ax = plt.subplots(figsize=size)  # capped: 89 layers x 160 experts stays 1600 x 1200 px
+    fig, ax = _figure(size)  # capped: 89 layers x 160 experts stays 1600 x 1200 px
     image = ax.imshow(relative, aspect="auto", cmap="viridis")
     ax.set(xlabel="expert", ylabel="MoE layer", title=f"expert load / mean, step {step}")
     fig.colorbar(image, ax=ax)
@@ -126,26 +133,50 @@ def write_load_heatmap(load: np.ndarray, path: Path, step: int) -> None:
 
 def write_reward_curve(rows: list[dict], path: Path) -> None:
     """Held-out `eval_reward` and the rollouts' `reward_mean` against the step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, style in (("reward_mean", dict(alpha=0.5, lw=1)), ("eval_reward", dict(marker="o"))):
-        points = [(r["step"], r[name]) for r in rows if name in r]
-        if points:
-            ax.plot(*zip(*points), label=name, **style)
+    fig, ax = _figure()
+    _plot(ax, rows, {"reward_mean": dict(alpha=0.5, lw=1), "eval_reward": dict(marker="o")})
     ax.set(xlabel="step", ylabel="reward", title="GRPO reward")
     ax.legend()
     _save_figure(fig, path)
 
 
+def write_loss_curve(rows: list[dict], path: Path) -> None:
+    """Training cross-entropy (next token, MTP) against the step, and held-out
+    `eval_bits_per_byte` on a second axis when the rows have it."""
+    fig, ax = _figure()
+    _plot(ax, rows, {"ce_loss": dict(lw=1), "mtp_loss": dict(lw=1, alpha=0.5)})
+    ax.set(xlabel="step", ylabel="nats per token", title="pre-training loss")
+    lines = ax.get_lines()
+    if any("eval_bits_per_byte" in r for r in rows):
+        right = ax.twinx()
+        _plot(right, rows, {"eval_bits_per_byte": dict(marker="o", color="tab:red")})
+        right.set_ylabel("held-out bits per byte")
+        lines += right.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines])
+    _save_figure(fig, path)
+
+
+def _figure(size=(6, 3.5)):
+    """A bare matplotlib Figure, not pyplot's: no global backend switch, so a notebook that
+    trains keeps its inline plots."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    return fig, fig.subplots()
+
+
+def _plot(ax, rows: list[dict], styles: dict[str, dict]) -> None:
+    """One line per metric named in `styles` that the rows hold (not all zero: an MTP loss
+    without an MTP head), against the step."""
+    for name, style in styles.items():
+        points = [(r["step"], r[name]) for r in rows if name in r]
+        if any(value for _, value in points):
+            ax.plot(*zip(*points), label=name, **style)
+
+
 def _save_figure(fig, path: Path) -> None:
     """Written beside `path` and renamed over it: a reader never sees a half-written PNG."""
-    from matplotlib import pyplot as plt
-
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(path)
