@@ -57,3 +57,18 @@ def test_partial_last_line_is_dropped_on_resume(tmp_path):
     MetricsLogger(tmp_path, start_step=2, total_steps=3).close()  # resumed at step 2
     assert (tmp_path / "metrics.jsonl").read_text() == (
         '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n')
+
+
+def test_heatmap_is_drawn_first_then_throttled_and_last_at_close(tmp_path, monkeypatch):
+    from glm_jax.train import metrics
+
+    drawn = []
+    monkeypatch.setattr(metrics, "write_load_heatmap", lambda load, path, step: drawn.append(step))
+    logger = MetricsLogger(tmp_path, start_step=0, total_steps=5)
+    for step in range(1, 6):
+        logger.log(step, {"loss": 1.0, "expert_load": np.full((2, 4), step)})
+    assert drawn == [1]  # the rest within HEATMAP_SECONDS of it
+    logger.close()
+    assert drawn == [1, 5]  # the newest load, once more at the end
+    records = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 5 and all('"expert_load"' in r for r in records)

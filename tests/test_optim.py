@@ -118,6 +118,24 @@ def test_bfloat16_newton_schulz_close_to_float32():
     assert err < 0.1, err
 
 
+def test_config_muon_ns_dtype_reaches_the_optimizer():
+    from glm_jax.train.config import base_config
+    from glm_jax.train.loop import build_optimizer
+
+    grads = {"kernel": randn(5, (4, 64, 96))}
+    params = {"kernel": jnp.zeros((4, 64, 96))}
+    config = base_config()
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        config.muon_ns_dtype = dtype
+        _, runs[dtype] = run_steps(build_optimizer(config)[0], params, [grads] * 2)  # lr(0) = 0
+    schedule = build_optimizer(config)[1]
+    _, direct = run_steps(optax.chain(optax.clip_by_global_norm(config.grad_clip),
+                                      muon(schedule, ns_dtype=jnp.bfloat16)), params, [grads] * 2)
+    np.testing.assert_array_equal(runs["bfloat16"]["kernel"], direct["kernel"])
+    assert not np.array_equal(runs["bfloat16"]["kernel"], runs["float32"]["kernel"])
+
+
 def test_weight_decay_with_zero_grads():
     """Zero gradients: both halves shrink W by exactly lr * wd * W per step."""
     lr, wd = 0.1, 0.1

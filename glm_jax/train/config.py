@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.weight_decay = 0.1
     config.grad_clip = 1.0
     config.head_with_adam = False
+    # Muon's Newton-Schulz iterations in "float32" or "bfloat16" (Moonlight's choice: half the
+    # optimizer's matmul bytes; the momentum and the update stay float32).
+    config.muon_ns_dtype = "float32"
     config.seq_len = 4096
     config.batch_size = 8  # sequences per step, global
     config.micro_batches = 1  # gradient accumulation: batch_size / micro_batches per pass
@@ -55,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     # and at the end.
     config.eval = ml_collections.ConfigDict(dict(heldout_chars=0, every=0))
     return config
+
+
+MUON_NS_DTYPES = ("float32", "bfloat16")
 
 
 def _fail(field: str, message: str):
@@ -131,6 +137,8 @@ def check_optimizer(config) -> None:
                                      f"{peak}")
     check_float(config, "weight_decay")
     check_float(config, "grad_clip")
+    if config.muon_ns_dtype not in MUON_NS_DTYPES:
+        _fail("muon_ns_dtype", f"must be one of {MUON_NS_DTYPES}, got {config.muon_ns_dtype!r}")
 
 
 def check_tokenizer(config, workdir_has_tokenizer: bool) -> None:

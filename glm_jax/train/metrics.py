@@ -5,6 +5,7 @@ tqdm progress bar."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from absl import logging
 from tensorboardX import SummaryWriter
 
 POSTFIX = ("loss", "max_vio", "eval_accuracy", "reward_mean", "eval_reward")  # on the bar
+HEATMAP_SECONDS = 60.0  # the expert-load PNG is redrawn at most this often (and at close)
 
 
 class MetricsLogger:
@@ -25,6 +27,9 @@ class MetricsLogger:
         self.enabled = enabled
         self.start_step, self.total_steps = start_step, total_steps
         self.bar = None  # from the first step's end: compilation stays out of its rate
+        # Drawing the heatmap takes about half a second: at most every HEATMAP_SECONDS and at
+        # close, from the newest load (every load still goes to the jsonl and TensorBoard).
+        self.pending_load, self.heatmap_drawn = None, 0.0
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +51,9 @@ class MetricsLogger:
             load = np.asarray(metrics["expert_load"])
             record["expert_load"] = load.tolist()
             add_expert_histogram(self.tensorboard, load, step)
-            write_load_heatmap(load, self.workdir / "expert_load.png", step)
+            self.pending_load = (load, step)
+            if time.monotonic() - self.heatmap_drawn >= HEATMAP_SECONDS:
+                self._draw_heatmap()
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for name, value in record.items():
@@ -68,10 +75,17 @@ class MetricsLogger:
         if self.enabled:
             tqdm.tqdm.write(text)
 
+    def _draw_heatmap(self) -> None:
+        if self.pending_load is not None:
+            load, step = self.pending_load
+            write_load_heatmap(load, self.workdir / "expert_load.png", step)
+            self.pending_load, self.heatmap_drawn = None, time.monotonic()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.enabled:
+            self._draw_heatmap()
             self.tensorboard.close()
 
 
