@@ -1,8 +1,10 @@
 """Benchmarks, printed as JSON lines; peers are measured in the same run.
 
-kernels: grouped matmul at the GLM-4.5-Air / GLM-4.5 expert shapes (a CPU-sized shape on CPU)
-against jax.lax.ragged_dot, tokamax, torch._grouped_mm and the dense ceiling; routing vs its
-jnp reference.
+gmm: grouped matmul at the GLM-4.5-Air / GLM-4.5 expert shapes (a CPU-sized shape on CPU), per
+direction (forward, input gradient, weight gradient) for each tokamax implementation, against
+jax.lax.ragged_dot, the reference, torch._grouped_mm and the dense ceiling; forward+backward;
+and the fastest tokamax implementation per direction (kernels.gmm.gpu.IMPLEMENTATIONS).
+kernels: gmm, then routing vs its jnp reference.
 
 decode: glm_jax generation (KV cache, jitted while-loop decode, greedy) at batch 1 / 16 / 64,
 plus prefill tokens/s; and, when torch and transformers are importable, transformers'
@@ -18,6 +20,7 @@ all: every benchmark in one call.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 
@@ -112,6 +115,8 @@ GMM_SHAPES = [("glm45_air_gate_up", 16384 * 8, 4096, 1408, 128),
               ("glm45_gate_up", 16384 * 8, 5120, 1536, 160),
               ("glm45_down", 16384 * 8, 1536, 5120, 160)]
 CPU_GMM_SHAPES = [("tiny_cpu", 2048, 256, 128, 16)]  # the same code path at a CPU-sized shape
+# The three products of a grouped matmul and its gradient (kernels.gmm.gpu.DIRECTIONS).
+GMM_DIRECTIONS = ("fwd", "dlhs", "drhs")
 
 
 def _group_sizes(rows: int, groups: int, rng) -> np.ndarray:
@@ -127,7 +132,7 @@ def _jax_timer(fn, *args):
 
 
 def _torch_grouped_mm(lhs, rhs, sizes):
-    """(fwd seconds, fwd+bwd seconds) of torch._grouped_mm on CUDA, or None."""
+    """{direction or "fwd_bwd": seconds} of torch._grouped_mm on CUDA (bf16), or None."""
     try:
         import torch
     except ImportError:
@@ -136,70 +141,169 @@ def _torch_grouped_mm(lhs, rhs, sizes):
         return None
     a = torch.randn(lhs.shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(rhs.shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn((lhs.shape[0], rhs.shape[2]), device="cuda", dtype=torch.bfloat16)
     offsets = torch.tensor(np.cumsum(sizes), device="cuda", dtype=torch.int32)
+    products = {
+        "fwd": lambda: torch._grouped_mm(a, b, offs=offsets),
+        "dlhs": lambda: torch._grouped_mm(dy, b.transpose(-2, -1), offs=offsets),
+        "drhs": lambda: torch._grouped_mm(a.t(), dy, offs=offsets),  # [G, K, N]
+        "fwd_bwd": lambda: torch._grouped_mm(a, b, offs=offsets).sum().backward(),
+    }
+    times = {}
+    for label, product in products.items():
+        def run(product=product, grad=label == "fwd_bwd"):
+            with torch.set_grad_enabled(grad):
+                product()
+            torch.cuda.synchronize()
 
-    def fwd():
-        torch._grouped_mm(a, b, offs=offsets)
-        torch.cuda.synchronize()
+        try:
+            times[label] = _time(run)
+        except Exception:  # noqa: BLE001 - e.g. a torch without the ragged-K form
+            continue
+    return times
 
-    def fwd_bwd():
-        torch._grouped_mm(a, b, offs=offsets).sum().backward()
-        torch.cuda.synchronize()
 
-    return _time(fwd), _time(fwd_bwd)
+def _gmm_direction_candidates(sizes, on_cpu: bool, out_dtype) -> dict[str, dict]:
+    """label -> {direction: fn(a, b) of that direction's operands}: fwd (lhs, rhs) -> [M, N],
+    dlhs (dy, rhs) -> [M, K], drhs (lhs, dy) -> [G, K, N]."""
+    from kernels.gmm import gpu
+
+    gmm_pkg = sys.modules["kernels.gmm"]
+    auto = gmm_pkg.BACKENDS[gmm_pkg._auto_backend()]
+
+    def per_direction(call):
+        return {d: (lambda a, b, d=d: call(d, a, b, sizes, out_dtype)) for d in GMM_DIRECTIONS}
+
+    candidates = {}
+    for impl in gpu.available_implementations():
+        if impl == "xla" and not on_cpu:
+            continue  # the same lax.ragged_dot_general as "lax.ragged_dot" below
+        candidates[f"tokamax:{impl}"] = per_direction(
+            lambda d, a, b, gs, dt, impl=impl: gpu.tokamax_call(d, impl, a, b, gs, dt))
+    candidates["lax.ragged_dot"] = per_direction(gpu.lax_call)
+    candidates["reference"] = per_direction(gpu.reference_call)
+    candidates["kernels.gmm"] = {  # the auto backend's own kernels, as the custom VJP calls them
+        "fwd": lambda a, b: auto.gmm(a, b, sizes, preferred_element_type=out_dtype),
+        "dlhs": lambda a, b: auto.gmm(a, b, sizes, preferred_element_type=out_dtype,
+                                      transpose_rhs=True),
+        "drhs": lambda a, b: auto.tgmm(a, b, sizes, preferred_element_type=out_dtype),
+    }
+    candidates["dense_matmul"] = {  # the same FLOPs as one dense matmul: the ceiling
+        "fwd": lambda a, b: a @ b[0], "dlhs": lambda a, b: a @ b[0].T,
+        "drhs": lambda a, b: (a.T @ b)[None]}
+    return candidates
+
+
+def _gmm_fwd_bwd_candidates(sizes) -> dict:
+    """label -> fn(lhs, rhs) whose forward + backward is timed: kernels.gmm (auto), jax's and
+    tokamax's own VJPs (tokamax with implementation=None: both gradients on the forward's
+    backend), and the reference through kernels.gmm."""
+    import kernels
+
+    candidates = {
+        "kernels.gmm": lambda x, w: kernels.gmm(x, w, sizes),
+        "kernels.gmm[reference]": lambda x, w: kernels.gmm(x, w, sizes, backend="reference"),
+        "lax.ragged_dot": lambda x, w: jax.lax.ragged_dot(x, w, sizes),
+    }
+    try:
+        import tokamax
+        candidates["tokamax.ragged_dot"] = lambda x, w: tokamax.ragged_dot(x, w, sizes)
+    except ImportError:
+        pass
+    return candidates
+
+
+def gmm_bench(preset: str = "") -> None:
+    """Grouped-matmul timings per direction -- forward (lhs @ rhs[g]), input gradient
+    (dy @ rhs[g]ᵀ), weight gradient (lhs_gᵀ @ dy_g) -- for each tokamax implementation this
+    platform has, jax.lax.ragged_dot, our reference, kernels.gmm's auto backend,
+    torch._grouped_mm (CUDA torch) and the dense matmul of the same FLOPs; then forward+backward
+    TFLOP/s of the differentiable ops; then, per shape, the fastest tokamax implementation per
+    direction (the `kernels.gmm.gpu.IMPLEMENTATIONS` table to write down). GLM-4.5(-Air) expert
+    shapes in bf16 on an accelerator, a CPU-sized shape in float32 on CPU."""
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = jnp.float32 if on_cpu else jnp.bfloat16
+    rng = np.random.default_rng(0)
+    device = jax.devices()[0].device_kind
+    for shape_index, (name, rows, k, n, groups) in enumerate(
+            CPU_GMM_SHAPES if on_cpu else GMM_SHAPES):
+        sizes = jnp.asarray(_group_sizes(rows, groups, rng))
+        lhs = jnp.asarray(rng.normal(size=(rows, k)), dtype)
+        rhs = jnp.asarray(rng.normal(size=(groups, k, n)) / np.sqrt(k), dtype)
+        dy = jnp.asarray(rng.normal(size=(rows, n)), dtype)
+        operands = {"fwd": (lhs, rhs), "dlhs": (dy, rhs), "drhs": (lhs, dy)}
+        flops = 2 * rows * k * n  # each direction does the same FLOPs
+        base = {"bench": "gmm", "shape": name, "rows": rows, "k": k, "n": n, "experts": groups,
+                "device": device, "dtype": jnp.dtype(dtype).name, "jax": jax.__version__}
+        timings: dict[str, dict[str, float]] = {}
+        for label, fns in _gmm_direction_candidates(sizes, on_cpu, dtype).items():
+            # On an accelerator the slow paths (a serial scan; a densely lowered ragged_dot
+            # that may not fit) run on the first shape only.
+            if not on_cpu and shape_index and label in ("reference", "lax.ragged_dot"):
+                continue
+            for direction, fn in fns.items():
+                try:
+                    seconds = _jax_timer(fn, *operands[direction])
+                except Exception as error:  # noqa: BLE001 - a refusal or out of memory
+                    _emit({**base, "impl": label, "direction": direction,
+                           "error": f"{type(error).__name__}: {str(error)[:200]}"})
+                    continue
+                timings.setdefault(label, {})[direction] = seconds
+        torch_times = _torch_grouped_mm(lhs, rhs, np.asarray(sizes))
+        if torch_times:
+            timings["torch._grouped_mm"] = {d: s for d, s in torch_times.items()
+                                            if d in GMM_DIRECTIONS}
+        for label, per in timings.items():
+            for direction, seconds in per.items():
+                _emit({**base, "impl": label, "direction": direction,
+                       "ms": round(seconds * 1e3, 3),
+                       "tflops": round(flops / seconds / 1e12, 3)})
+        fwd_bwd = {}
+        for label, fn in _gmm_fwd_bwd_candidates(sizes).items():
+            if not on_cpu and shape_index and label in ("kernels.gmm[reference]",
+                                                        "lax.ragged_dot"):
+                continue
+            loss = lambda x, w, fn=fn: jnp.sum(fn(x, w).astype(jnp.float32))
+            try:
+                forward = _jax_timer(fn, lhs, rhs)
+                both = _jax_timer(jax.grad(loss, argnums=(0, 1)), lhs, rhs) + forward
+            except Exception as error:  # noqa: BLE001 - e.g. out of memory
+                _emit({**base, "impl": label, "direction": "fwd_bwd",
+                       "error": f"{type(error).__name__}: {str(error)[:200]}"})
+                continue
+            fwd_bwd[label] = both
+        if torch_times and "fwd_bwd" in torch_times:
+            fwd_bwd["torch._grouped_mm"] = torch_times["fwd_bwd"]
+        ours = fwd_bwd.get("kernels.gmm")
+        for label, seconds in fwd_bwd.items():
+            record = {**base, "impl": label, "direction": "fwd_bwd",
+                      "ms": round(seconds * 1e3, 3),
+                      "tflops": round(3 * flops / seconds / 1e12, 3)}
+            if ours and label != "kernels.gmm":
+                record["kernels_gmm_speedup"] = round(seconds / ours, 2)
+            _emit(record)
+        table = {}
+        for direction in GMM_DIRECTIONS:
+            measured = {label.split(":", 1)[1]: per[direction]
+                        for label, per in timings.items()
+                        if label.startswith("tokamax:") and direction in per}
+            if measured:
+                table[direction] = min(measured, key=measured.get)
+        _emit({**base, "bench": "gmm_table", "implementations": table})
 
 
 def kernels_bench(preset: str = "") -> None:
-    """Grouped-matmul TFLOP/s (forward and forward+backward) of kernels.gmm against
-    jax.lax.ragged_dot, tokamax (if importable), torch._grouped_mm (if CUDA torch) and the dense
-    matmul of the same FLOPs; then routing time against the jnp reference."""
+    """gmm_bench (grouped matmul per direction and forward+backward), then routing time
+    against the jnp reference."""
     import jax.numpy as jnp
 
     import kernels
     from kernels.routing import reference as routing_reference
 
+    gmm_bench(preset)
     on_cpu = jax.default_backend() == "cpu"
-    dtype = jnp.float32 if on_cpu else jnp.bfloat16
     rng = np.random.default_rng(0)
     device = jax.devices()[0].device_kind
-    for name, rows, k, n, groups in (CPU_GMM_SHAPES if on_cpu else GMM_SHAPES):
-        sizes = jnp.asarray(_group_sizes(rows, groups, rng))
-        lhs = jnp.asarray(rng.normal(size=(rows, k)), dtype)
-        rhs = jnp.asarray(rng.normal(size=(groups, k, n)) / np.sqrt(k), dtype)
-        flops = 2 * rows * k * n
-        candidates = {
-            "kernels.gmm": lambda x, w: kernels.gmm(x, w, sizes),
-            "lax.ragged_dot": lambda x, w: jax.lax.ragged_dot(x, w, sizes),
-            "dense_matmul": lambda x, w: x @ w[0],
-        }
-        try:
-            import tokamax
-            candidates["tokamax.ragged_dot"] = lambda x, w: tokamax.ragged_dot(x, w, sizes)
-        except ImportError:
-            pass
-        results = {}
-        for label, fn in candidates.items():
-            loss = lambda x, w, fn=fn: jnp.sum(fn(x, w).astype(jnp.float32))
-            try:
-                forward = _jax_timer(fn, lhs, rhs)
-                both = _jax_timer(jax.grad(loss, argnums=(0, 1)), lhs, rhs) + forward
-            except Exception as error:  # e.g. out of memory for a densely lowered ragged_dot
-                _emit({"bench": "gmm", "shape": name, "impl": label, "error": str(error)[:200]})
-                continue
-            results[label] = (flops / forward / 1e12, 3 * flops / both / 1e12)
-        torch_times = _torch_grouped_mm(lhs, rhs, np.asarray(sizes))
-        if torch_times is not None:
-            results["torch._grouped_mm"] = (flops / torch_times[0] / 1e12,
-                                            3 * flops / torch_times[1] / 1e12)
-        ours = results.get("kernels.gmm")
-        for label, (fwd, fwd_bwd) in results.items():
-            record = {"bench": "gmm", "shape": name, "rows": rows, "k": k, "n": n,
-                      "experts": groups, "device": device, "dtype": jnp.dtype(dtype).name,
-                      "impl": label, "fwd_tflops": round(fwd, 2), "fwd_bwd_tflops": round(fwd_bwd, 2)}
-            if ours and label != "kernels.gmm":
-                record.update(gmm_fwd_ratio=round(ours[0] / fwd, 2),
-                              gmm_fwd_bwd_ratio=round(ours[1] / fwd_bwd, 2))
-            _emit(record)
     for tokens, experts in ((4096 if on_cpu else 16384, 128), (4096 if on_cpu else 16384, 160)):
         logits = jnp.asarray(rng.normal(size=(tokens, experts)), jnp.float32)
         bias = jnp.zeros((experts,), jnp.float32)
@@ -353,5 +457,5 @@ def all_benchmarks(preset: str = "glm45_mini") -> None:
     train_bench(preset)
 
 
-BENCHMARKS = {"decode": decode, "kernels": kernels_bench, "rewards": rewards_bench,
+BENCHMARKS = {"decode": decode, "gmm": gmm_bench, "kernels": kernels_bench, "rewards": rewards_bench,
               "train": train_bench, "all": all_benchmarks}

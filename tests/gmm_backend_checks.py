@@ -1,5 +1,5 @@
-"""Shared checks for the Pallas gmm backends (tests/test_gmm_gpu.py, tests/test_gmm_tpu.py):
-register interpret-mode variants of a backend, and compare one against the reference."""
+"""Shared checks for the gmm backends (tests/test_gmm_gpu.py, tests/test_gmm_tpu.py): register
+interpret-mode variants of a Pallas backend, and compare one against the reference."""
 
 import contextlib
 import sys

@@ -15,3 +15,29 @@ def test_train_bench_emits_one_record_of_a_training_step(capsys, monkeypatch):
     assert record["glm_jax_tokens_per_s"] > 0 and record["temp_GiB"] > 0
     assert record["loss_last"] < record["loss_first"]  # four steps on one batch: it learns
     assert "mfu" not in record  # no known peak for a CPU
+
+
+def test_gmm_bench_reports_every_direction_per_implementation(capsys, monkeypatch):
+    """`bench --what=gmm` on CPU: a timing per (implementation, direction) for tokamax's "xla"
+    (when installed), lax.ragged_dot and the reference, forward+backward of the differentiable
+    ops, and the per-direction table line."""
+    monkeypatch.setattr(bench, "CPU_GMM_SHAPES", [("test_cpu", 64, 16, 8, 4)])
+    assert bench.BENCHMARKS["gmm"] is bench.gmm_bench
+    bench.gmm_bench()
+    records = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert not [r for r in records if "error" in r], records
+    timed = {(r["impl"], r["direction"]) for r in records if r["bench"] == "gmm"}
+    impls = ["lax.ragged_dot", "reference", "kernels.gmm", "dense_matmul"]
+    try:
+        import tokamax  # noqa: F401
+        impls.append("tokamax:xla")
+    except ImportError:
+        pass
+    for impl in impls:
+        for direction in bench.GMM_DIRECTIONS:
+            assert (impl, direction) in timed
+    assert ("kernels.gmm", "fwd_bwd") in timed and ("lax.ragged_dot", "fwd_bwd") in timed
+    assert all(r["ms"] > 0 for r in records if r["bench"] == "gmm")
+    (table,) = [r for r in records if r["bench"] == "gmm_table"]
+    assert table["implementations"] == ({d: "xla" for d in bench.GMM_DIRECTIONS}
+                                        if "tokamax:xla" in impls else {})

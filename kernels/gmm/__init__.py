@@ -3,7 +3,9 @@
 ``gmm(lhs, rhs, group_sizes)`` multiplies each contiguous row group of ``lhs``
 by its own ``rhs[g]``. The custom VJP spells out the backward pass in terms of
 the backend's own ``gmm`` (for d lhs) and ``tgmm`` (for d rhs), so a fast
-backend only has to provide those two forward kernels.
+backend only has to provide those two forward kernels. The "gpu" backend
+(tokamax) picks its kernel per direction -- forward, d lhs, d rhs -- from
+``gpu.IMPLEMENTATIONS``.
 """
 
 from collections.abc import Callable
@@ -30,19 +32,20 @@ class GmmBackend(NamedTuple):
 BACKENDS: dict[str, GmmBackend] = {
     "reference": GmmBackend(reference.gmm, reference.tgmm),
     "tpu": GmmBackend(tpu.gmm, tpu.tgmm),  # megablox Pallas kernels
-    "gpu": GmmBackend(gpu.gmm, gpu.tgmm),  # our Pallas Triton kernels
+    "gpu": GmmBackend(gpu.gmm, gpu.tgmm),  # tokamax, per direction; lax / reference fallbacks
+    "ragged_dot": GmmBackend(gpu.ragged_dot_gmm, gpu.ragged_dot_tgmm),  # jax.lax.ragged_dot
 }
 
 
 def _auto_backend() -> str:
     """The one place that picks a backend per platform (jax.default_backend()).
 
-    TPU uses jax's megablox kernels. The Pallas GPU kernels ("gpu") are
-    registered but only tested in interpret mode so far: they become GPU's
-    default once they have been verified and measured on an H100 (issue 3);
-    until then GPU, like CPU, uses the reference.
+    TPU uses jax's megablox kernels, GPU tokamax's (``gpu``, which falls back
+    to ``lax.ragged_dot`` and then the reference by itself); CPU the reference
+    (``lax.ragged_dot`` expands to a [G, M, K] masked copy there).
     """
-    return "tpu" if jax.default_backend() == "tpu" else "reference"
+    platform = jax.default_backend()
+    return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}.get(platform, "reference")
 
 
 def _check_inputs(lhs: Array, rhs: Array, group_sizes: Array) -> None:

@@ -1,124 +1,196 @@
-"""NVIDIA GPU grouped matmul: Pallas kernels on the Triton backend.
+"""NVIDIA GPU grouped matmul: tokamax's ragged-dot kernels, the implementation chosen per direction.
 
-Same contract as ``kernels.gmm.reference``; the schedule is megablox's.
+Wrap, don't rewrite: tokamax (``tokamax.ragged_dot_general``) holds Hopper kernels for all
+three products a grouped matmul and its gradient need. ``kernels.gmm``'s custom VJP calls
+this module once per direction, so each direction gets its own implementation from
+``IMPLEMENTATIONS`` (tokamax's own VJP, with ``implementation=None``, runs both gradients on
+the forward's backend, which puts the weight gradient on the slow kernel):
 
-* ``gmm``: a grid over (visit, N tile). A visit is one (group, row tile)
-  pair that overlap -- at most ``ceil(M / tm) + G - 1`` of them, listed in jnp
-  by ``reference.schedule`` and passed to the kernel as small int32 arrays
-  it indexes with its program id. Each program accumulates its [tm, tn] tile
-  over K in float32 and stores only the rows of its group (a masked store), so
-  a row tile shared by two groups is written by two programs, row-disjointly.
-  Rows past ``sum(group_sizes)`` are never stored: the output buffer is a
-  zeros array aliased in (``input_output_aliases``).
-* ``tgmm``: a grid over (group, K tile, N tile); each program loops over its
-  group's row tiles (dynamic bounds from the group offsets), masking rows of
-  neighbouring groups, and writes its [tk, tn] block of ``out[group]`` --
-  zeros for an empty group, whose loop runs no iterations.
+* ``fwd``:  out[M, N]     = lhs[M, K] @ rhs[g][K, N]     (ragged rows, grouped rhs)
+* ``dlhs``: d lhs[M, K]   = dy[M, N] @ rhs[g][K, N]ᵀ     (the same, contracting rhs's N)
+* ``drhs``: d rhs[G, K, N] = lhs_gᵀ @ dy_g              (ragged contraction over the rows)
 
-Ragged M, K and N need no padding copies: every load is masked (``other=0``)
-and every store masked to the real rows and columns, so tiles may overhang
-the arrays. Triton needs power-of-two blocks of at least 16 for ``dot``,
-which the tile heuristic (``_tiles``) guarantees.
+Each entry of ``IMPLEMENTATIONS`` is a preference list of tokamax implementations
+("mosaic" = Pallas Mosaic GPU, "triton" = tokamax's Triton kernel, which needs the
+``jax-triton`` package, "xla" = ``lax.ragged_dot_general``). An implementation that tokamax
+lacks, or that raises on a shape (at trace or lowering time), is skipped with one log line;
+after the list come ``jax.lax.ragged_dot_general`` and then ``kernels.gmm.reference``. Without
+tokamax installed the chain starts at ``lax.ragged_dot_general``. Note that XLA:GPU lowers
+``lax.ragged_dot`` densely (G x the FLOPs) unless cuDNN's ragged-dot fusion applies, so that
+fallback is correct but can be slow or run out of memory at MoE sizes.
 
-float32 operands use Triton's default dot precision (TF32 on Ampere and
-newer, as XLA's default for float32 matmuls); the interpreter is exact.
+Rows past ``sum(group_sizes)`` are zeroed here for ``fwd`` and ``dlhs`` (tokamax's GPU
+kernels need not write them); ``drhs`` of an empty group is zero in every implementation
+(the ragged contraction has no rows for it).
 
-Importing this module needs no GPU; ``interpret=True`` runs the kernels
-through the Pallas interpreter (how the CPU tests exercise them).
+Importing this module needs neither a GPU nor tokamax; on CPU, ``implementation="xla"``
+runs the whole dispatch (how tests/test_gmm_gpu.py checks the wiring against the reference).
 """
 
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 from jax.typing import DTypeLike
 
 from kernels.gmm import reference
 
+try:
+    import tokamax
+except ImportError:  # tokamax is optional: the chain starts at lax.ragged_dot_general
+    tokamax = None
+
 Array = jax.Array
+log = logging.getLogger(__name__)
 
-_MIN_TILE = 16  # Triton's dot needs every block dim >= 16 (and a power of two)
+# Per-direction choice, best first. From tokamax 0.0.17's own H100 autotune cache (random
+# group sizes, MoE shapes): forward "mosaic" 415-480 TF/s, input gradient "mosaic" 360-430,
+# weight gradient "triton" 620-730 ("mosaic" only 100-120, kept as its second choice for
+# machines without jax-triton). `python -m experiments bench --what=gmm` on a GPU prints the
+# measured table for this machine to refresh these with (no H200 cache ships with tokamax).
+IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
+    "fwd": ("mosaic",),
+    "dlhs": ("mosaic",),
+    "drhs": ("triton", "mosaic"),
+}
+DIRECTIONS = tuple(IMPLEMENTATIONS)
 
+# lax.RaggedDotDimensionNumbers per direction (tokamax's base.*_DIM_NUMS, spelled out here so
+# that the lax fallback needs no tokamax).
+DIMENSION_NUMBERS = {
+    # lhs [M, K] . rhs [G, K, N] -> [M, N]
+    "fwd": lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([1], [1]), ([], [])),
+        lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]),
+    # dy [M, N] . rhs [G, K, N] (contract N) -> [M, K]
+    "dlhs": lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([1], [2]), ([], [])),
+        lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]),
+    # lhs [M, K] . dy [M, N] (contract the ragged M) -> [G, K, N]
+    "drhs": lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([0], [0]), ([], [])),
+        lhs_ragged_dimensions=[0], rhs_group_dimensions=[]),
+}
 
-def _pow2_tile(dim: int, max_tile: int) -> int:
-    """Smallest power of two >= ``dim``, clamped to [16, ``max_tile``]."""
-    return max(_MIN_TILE, min(max_tile, 1 << max(dim - 1, 0).bit_length()))
-
-
-def _tiles(
-    kind: str, m: int, k: int, n: int, num_groups: int, dtype: jnp.dtype
-) -> tuple[int, int, int]:
-    """(tm, tk, tn) for ``kind`` "gmm" or "tgmm": a heuristic, not yet tuned.
-
-    gmm: tn = 128 and tk = 64 (32 for 4-byte dtypes, keeping one pipeline
-    stage of operands at 32 KiB of shared memory) are the usual Triton matmul
-    tiles. tm follows the mean group size M / G: every visit computes a full
-    tm-row tile, so groups much smaller than tm waste up to (G - 1) * tm rows
-    of work; 128 rows once groups are that large.
-    tgmm: the f32 accumulator is [tk, tn] = up to [128, 128] and tm is the
-    contraction chunk: 64 (32 for 4-byte dtypes).
-    Every tile shrinks to the (power-of-two-rounded) dim when that is smaller.
-    """
-    wide = jnp.dtype(dtype).itemsize >= 4
-    if kind == "gmm":
-        mean_group = -(-m // num_groups)
-        return (_pow2_tile(mean_group, 128), _pow2_tile(k, 32 if wide else 64), _pow2_tile(n, 128))
-    return (_pow2_tile(m, 32 if wide else 64), _pow2_tile(k, 128), _pow2_tile(n, 128))
-
-
-def _compiler_params(rows: int, cols: int) -> plgpu.CompilerParams:
-    """8 warps for the largest (128 x 128) output tiles, else 4; 3 stages."""
-    return plgpu.CompilerParams(num_warps=8 if rows * cols >= 128 * 128 else 4, num_stages=3)
-
-
-def _gmm_kernel(
-    group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, _zeros_ref, out_ref,
-    *, tm: int, tk: int, tn: int, k: int, n: int, transpose_rhs: bool,
-):  # fmt: skip
-    """One (visit, N tile): out[rows of the group in this tile, tn cols]."""
-    visit, col_tile = pl.program_id(0), pl.program_id(1)
-    group, lo, hi = group_ref[visit], lo_ref[visit], hi_ref[visit]
-    row0, col0 = tile_ref[visit] * tm, col_tile * tn
-    rows = row0 + jnp.arange(tm, dtype=jnp.int32)  # [tm]
-    cols = col0 + jnp.arange(tn, dtype=jnp.int32)  # [tn]
-    in_rows = (rows >= lo) & (rows < hi)  # [tm]; hi <= M, so also in bounds
-    in_cols = cols < n  # [tn]
-
-    def body(i, acc):
-        k0 = i * tk
-        in_k = k0 + jnp.arange(tk, dtype=jnp.int32) < k  # [tk]
-        x = plgpu.load(
-            lhs_ref.at[pl.ds(row0, tm), pl.ds(k0, tk)],
-            mask=in_rows[:, None] & in_k[None, :], other=0,
-        )  # [tm, tk]
-        if transpose_rhs:  # rhs [G, N, K]
-            w = plgpu.load(
-                rhs_ref.at[group, pl.ds(col0, tn), pl.ds(k0, tk)],
-                mask=in_cols[:, None] & in_k[None, :], other=0,
-            )  # [tn, tk]
-        else:  # rhs [G, K, N]
-            w = plgpu.load(
-                rhs_ref.at[group, pl.ds(k0, tk), pl.ds(col0, tn)],
-                mask=in_k[:, None] & in_cols[None, :], other=0,
-            )  # [tk, tn]
-        return acc + plgpu.dot(x, w, trans_b=transpose_rhs)  # [tm, tn] f32
-
-    # Padding visits (lo == hi) skip the K loop: they store nothing anyway.
-    num_k = jnp.where(lo < hi, pl.cdiv(k, tk), 0)
-    acc = lax.fori_loop(0, num_k, body, jnp.zeros((tm, tn), jnp.float32))
-    plgpu.store(
-        out_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)],
-        acc.astype(out_ref.dtype),
-        mask=in_rows[:, None] & in_cols[None, :],
-    )
+_logged: set[tuple] = set()
+_probed: dict[tuple, Exception | None] = {}  # lowering probe results, by call signature
 
 
-@partial(
-    jax.jit, static_argnames=("preferred_element_type", "transpose_rhs", "tiling", "interpret")
-)
+def _log_once(key: tuple, message: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.warning(message, *args)
+
+
+def available_implementations() -> tuple[str, ...]:
+    """tokamax implementations usable on this platform ("xla" everywhere; "mosaic" and
+    "triton" on an NVIDIA GPU when tokamax has them); () without tokamax."""
+    if tokamax is None:
+        return ()
+    from tokamax._src.ops.ragged_dot import api  # the registry tokamax dispatches through
+
+    names = ["xla"]
+    if "NVIDIA" in jax.devices()[0].device_kind:
+        names += [n for n, key in (("mosaic", "mosaic_gpu"), ("triton", "triton"))
+                  if key in api.IMPLEMENTATIONS]
+    return tuple(names)
+
+
+def tokamax_call(direction: str, implementation: str, a: Array, b: Array, group_sizes: Array,
+                 out_dtype: DTypeLike) -> Array:
+    """One direction on one tokamax implementation, no fallback; raises what tokamax raises."""
+    if tokamax is None:
+        raise ImportError("tokamax is not installed")
+    return tokamax.ragged_dot_general(
+        a, b, group_sizes.astype(jnp.int32), DIMENSION_NUMBERS[direction],
+        preferred_element_type=out_dtype, implementation=implementation)
+
+
+def lax_call(direction: str, a: Array, b: Array, group_sizes: Array,
+             out_dtype: DTypeLike) -> Array:
+    """One direction on ``jax.lax.ragged_dot_general`` (float32 accumulation)."""
+    out = lax.ragged_dot_general(
+        a, b, group_sizes.astype(jnp.int32), DIMENSION_NUMBERS[direction],
+        preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
+
+
+def reference_call(direction: str, a: Array, b: Array, group_sizes: Array,
+                   out_dtype: DTypeLike) -> Array:
+    """One direction on ``kernels.gmm.reference``."""
+    if direction == "drhs":
+        return reference.tgmm(a, b, group_sizes, preferred_element_type=out_dtype)
+    return reference.gmm(a, b, group_sizes, preferred_element_type=out_dtype,
+                         transpose_rhs=direction == "dlhs")
+
+
+def _abstract(x: Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _lowers(direction: str, implementation: str, a: Array, b: Array, group_sizes: Array,
+            out_dtype: jnp.dtype) -> None:
+    """Lowers the call on its own, so that kernels failing at lowering time (a Pallas
+    kernel refusing a shape) are caught here rather than when the caller compiles.
+    "xla" cannot fail this way and is not probed."""
+    if implementation == "xla":
+        return
+    key = (direction, implementation, *((x.shape, str(x.dtype)) for x in (a, b, group_sizes)),
+           str(out_dtype))
+    if key in _probed:
+        if _probed[key] is not None:
+            raise _probed[key]
+        return
+    fn = partial(tokamax_call, direction, implementation, out_dtype=out_dtype)
+    try:
+        jax.jit(fn).lower(_abstract(a), _abstract(b), _abstract(group_sizes))
+    except Exception as error:  # noqa: BLE001 - any refusal means: try the next one
+        _probed[key] = error
+        raise
+    _probed[key] = None
+
+
+def _call(direction: str, a: Array, b: Array, group_sizes: Array, out_dtype: jnp.dtype,
+          implementation: str | Sequence[str] | None) -> Array:
+    """The first of (tokamax implementations..., lax.ragged_dot_general, reference) that
+    takes this shape."""
+    if a.dtype != b.dtype:  # e.g. a float32 dy against bfloat16 weights: compute in the wider
+        a, b = (x.astype(jnp.promote_types(a.dtype, b.dtype)) for x in (a, b))
+    chain = IMPLEMENTATIONS[direction] if implementation is None else implementation
+    chain = (chain,) if isinstance(chain, str) else tuple(chain)
+    if tokamax is None:
+        _log_once(("no-tokamax",), "kernels.gmm: tokamax is not importable; GPU gmm uses "
+                  "jax.lax.ragged_dot_general")
+    else:
+        for name in chain:
+            try:
+                _lowers(direction, name, a, b, group_sizes, out_dtype)
+                return tokamax_call(direction, name, a, b, group_sizes, out_dtype)
+            except Exception as error:  # noqa: BLE001
+                _log_once((direction, name, type(error).__name__),
+                          "kernels.gmm %s: tokamax implementation %r failed (%s: %s); trying "
+                          "the next one", direction, name, type(error).__name__,
+                          str(error)[:300])
+    try:
+        return lax_call(direction, a, b, group_sizes, out_dtype)
+    except Exception as error:  # noqa: BLE001
+        _log_once((direction, "lax", type(error).__name__),
+                  "kernels.gmm %s: lax.ragged_dot_general failed (%s: %s); using the "
+                  "reference", direction, type(error).__name__, str(error)[:300])
+    return reference_call(direction, a, b, group_sizes, out_dtype)
+
+
+def _zero_tail(out: Array, group_sizes: Array) -> Array:
+    """Rows past sum(group_sizes) -> 0 (a select XLA fuses into the output's consumer)."""
+    in_group = jnp.arange(out.shape[0], dtype=jnp.int32) < jnp.sum(group_sizes)  # [M]
+    return jnp.where(in_group[:, None], out, jnp.zeros((), out.dtype))
+
+
 def gmm(
     lhs: Array,
     rhs: Array,
@@ -126,73 +198,18 @@ def gmm(
     *,
     preferred_element_type: DTypeLike | None = None,
     transpose_rhs: bool = False,
-    tiling: tuple[int, int, int] | None = None,
-    interpret: bool = False,
+    implementation: str | Sequence[str] | None = None,
 ) -> Array:
-    """``reference.gmm`` as a Triton kernel: lhs [M, K], rhs [G, K, N] (or
-    [G, N, K] with ``transpose_rhs``) -> [M, N]; zero rows past
-    ``sum(group_sizes)``. ``tiling``: (tm, tk, tn) powers of two >= 16, or
-    None for ``_tiles``."""
-    m, k = lhs.shape
-    num_groups = rhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    """``reference.gmm`` through tokamax: lhs [M, K], rhs [G, K, N] -> [M, N] ("fwd"), or with
+    ``transpose_rhs`` rhs read as [G, N, K] -> [M, K] ("dlhs", contracting rhs's last dim);
+    zero rows past ``sum(group_sizes)``. ``implementation``: a tokamax implementation (or
+    preference list) overriding ``IMPLEMENTATIONS`` for this direction."""
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
-    tm, tk, tn = tiling or _tiles("gmm", m, k, n, num_groups, lhs.dtype)
-    s = reference.schedule(group_sizes, m, tm)  # P = ceil(M / tm) + G - 1 visits
-    lo = s.starts[s.group]  # [P] first row of the visit's group
-    hi = jnp.where(s.valid, s.ends[s.group], lo)  # [P] padding visits get no rows
-    kernel = partial(
-        _gmm_kernel, tm=tm, tk=tk, tn=tn, k=k, n=n, transpose_rhs=transpose_rhs
-    )
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(s.group.shape[0], pl.cdiv(n, tn)),
-        input_output_aliases={6: 0},  # the zeros buffer becomes the output
-        compiler_params=_compiler_params(tm, tn),
-        interpret=interpret,
-        name="gmm",
-    )(s.group, s.tile, lo, hi, lhs, rhs, jnp.zeros((m, n), out_dtype))
+    direction = "dlhs" if transpose_rhs else "fwd"
+    out = _call(direction, lhs, rhs, group_sizes, out_dtype, implementation)
+    return _zero_tail(out, group_sizes)
 
 
-def _tgmm_kernel(
-    starts_ref, ends_ref, lhs_ref, dy_ref, out_ref, *, tm: int, tk: int, tn: int, k: int, n: int
-):
-    """One (group, K tile, N tile): out[g, tk, tn] = lhs_gᵀ @ dy_g, over the group's rows."""
-    group = pl.program_id(0)
-    k0, col0 = pl.program_id(1) * tk, pl.program_id(2) * tn
-    lo, hi = starts_ref[group], ends_ref[group]
-    in_k = k0 + jnp.arange(tk, dtype=jnp.int32) < k  # [tk]
-    in_cols = col0 + jnp.arange(tn, dtype=jnp.int32) < n  # [tn]
-
-    def body(t, acc):
-        rows = t * tm + jnp.arange(tm, dtype=jnp.int32)  # [tm]
-        in_rows = (rows >= lo) & (rows < hi)
-        # Both operands masked: 0 * (inf/NaN in another group's dy) would poison the sum.
-        x = plgpu.load(
-            lhs_ref.at[pl.ds(t * tm, tm), pl.ds(k0, tk)],
-            mask=in_rows[:, None] & in_k[None, :], other=0,
-        )  # [tm, tk]
-        d = plgpu.load(
-            dy_ref.at[pl.ds(t * tm, tm), pl.ds(col0, tn)],
-            mask=in_rows[:, None] & in_cols[None, :], other=0,
-        )  # [tm, tn]
-        return acc + plgpu.dot(x, d, trans_a=True)  # [tk, tn] f32
-
-    # Row tiles touching [lo, hi); none for an empty group, which stores zeros.
-    first = lo // tm
-    last = jnp.where(hi > lo, pl.cdiv(hi, tm), first)
-    acc = lax.fori_loop(first, last, body, jnp.zeros((tk, tn), jnp.float32))
-    plgpu.store(
-        out_ref.at[group, pl.ds(k0, tk), pl.ds(col0, tn)],
-        acc.astype(out_ref.dtype),
-        mask=in_k[:, None] & in_cols[None, :],
-    )
-
-
-@partial(
-    jax.jit, static_argnames=("num_groups", "preferred_element_type", "tiling", "interpret")
-)
 def tgmm(
     lhs: Array,
     dy: Array,
@@ -200,24 +217,24 @@ def tgmm(
     num_groups: int | None = None,
     *,
     preferred_element_type: DTypeLike | None = None,
-    tiling: tuple[int, int, int] | None = None,
-    interpret: bool = False,
+    implementation: str | Sequence[str] | None = None,
 ) -> Array:
-    """``reference.tgmm`` as a Triton kernel: lhs [M, K], dy [M, N] ->
-    [G, K, N], out[g] = lhs_gᵀ @ dy_g (zero for empty groups)."""
+    """``reference.tgmm`` through tokamax ("drhs"): lhs [M, K], dy [M, N] -> [G, K, N],
+    out[g] = lhs_gᵀ @ dy_g (zero for empty groups)."""
     reference.check_num_groups(num_groups, group_sizes)
-    m, k = lhs.shape
-    n = dy.shape[1]
-    num_groups = group_sizes.shape[0]
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
-    tm, tk, tn = tiling or _tiles("tgmm", m, k, n, num_groups, lhs.dtype)
-    starts, ends = reference.group_bounds(group_sizes, m)  # [G] each
-    kernel = partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn, k=k, n=n)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-        grid=(num_groups, pl.cdiv(k, tk), pl.cdiv(n, tn)),
-        compiler_params=_compiler_params(tk, tn),
-        interpret=interpret,
-        name="tgmm",
-    )(starts, ends, lhs, dy)
+    return _call("drhs", lhs, dy, group_sizes, out_dtype, implementation)
+
+
+def ragged_dot_gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, transpose_rhs=False):
+    """``reference.gmm`` on ``jax.lax.ragged_dot_general`` (the "ragged_dot" backend)."""
+    out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
+    direction = "dlhs" if transpose_rhs else "fwd"
+    return _zero_tail(lax_call(direction, lhs, rhs, group_sizes, out_dtype), group_sizes)
+
+
+def ragged_dot_tgmm(lhs, dy, group_sizes, num_groups=None, *, preferred_element_type=None):
+    """``reference.tgmm`` on ``jax.lax.ragged_dot_general`` (the "ragged_dot" backend)."""
+    reference.check_num_groups(num_groups, group_sizes)
+    out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
+    return lax_call("drhs", lhs, dy, group_sizes, out_dtype)

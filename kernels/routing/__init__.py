@@ -1,4 +1,9 @@
-"""MoE routing: top-k expert choice and the expert-major permutation."""
+"""MoE routing: top-k expert choice and the expert-major permutation.
+
+The router is the jnp reference on every platform: the fused Pallas kernel it once had was
+written on Pallas' deprecated Triton backend, and the router is a few elementwise ops and two
+small top-ks over a [T, E] tile that XLA already fuses, so it was dropped rather than ported.
+"""
 
 from collections.abc import Callable
 from functools import partial
@@ -7,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.backends import resolve
-from kernels.routing import pallas, reference
+from kernels.routing import reference
 from kernels.routing.permute import ExpertSort, sort_by_expert, unsort
 from kernels.routing.reference import replay_route
 
@@ -15,15 +20,12 @@ Array = jax.Array
 
 BACKENDS: dict[str, Callable[..., tuple[Array, Array, Array]]] = {
     "reference": reference.route,
-    "pallas": pallas.route,  # fused kernel; Pallas interpreter on CPU
 }
 
 
 def _auto_backend() -> str:
-    """The one place that picks a routing backend per platform. The fused
-    Pallas kernel ("pallas") has only run interpreted so far; it becomes the
-    GPU/TPU default once compiled and checked on real hardware (issue 3).
-    Until then every platform uses the reference."""
+    """The one place that picks a routing backend per platform: the reference everywhere
+    (see the module docstring)."""
     return "reference"
 
 
