@@ -1,5 +1,11 @@
 """The MoE block: sigmoid router with the loss-free balancing bias, dropless routed experts
-(sort token copies by expert, grouped matmuls, un-sort, weighted sum) and ungated shared experts."""
+(sort token copies by expert, grouped matmuls, un-sort, weighted sum) and ungated shared experts.
+
+Under expert parallelism (`_moe_sharded`) each device runs its local copies through a static
+buffer of `ep_capacity` rows (about `EP_CAPACITY_FACTOR` x the balanced share) rather than
+through all T*k copies; copies past the buffer go through further passes of the same size
+(skipped by `lax.cond` when empty, recomputed in the backward), so nothing is ever dropped.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import kernels
 from glm_jax.config import ModelConfig
 from glm_jax.model.layers import MLP, normal_param
+
+# Expert parallelism: each device's dispatch buffer holds ceil(EP_CAPACITY_FACTOR * T*k /
+# n_expert) sorted local copies (rounded up to a multiple of _CAPACITY_MULTIPLE), T*k being the
+# token copies the device routes. 2.0 absorbs ordinary imbalance in one pass; skewed routing
+# costs extra passes, never dropped tokens. `_moe_sharded(..., capacity_factor=)` overrides it.
+EP_CAPACITY_FACTOR = 2.0
+_CAPACITY_MULTIPLE = 8
 
 
 class RouterBias(nnx.Variable):
@@ -57,33 +71,116 @@ def swiglu_experts(x_mh, group_sizes, gate, up, down, dtype):
     return kernels.gmm(jax.nn.silu(g) * u, down.astype(dtype), group_sizes)
 
 
-def routed_experts(x_th, router, bias, gate, up, down, cfg: ModelConfig, first_expert=0,
-                   replay_ids=None):
-    """Routes every token over all E experts, runs the copies that go to the experts held here
-    (`gate.shape[0]` of them, from `first_expert` on) and sums them weighted per token.
-    `replay_ids` [T, k] (routing replay): use these experts instead of choosing; the weights
-    still come from the current router's scores, so the router keeps its gradient.
-    -> (out [T, H] float32, router logits [T, E], expert ids [T, k], tokens_per_expert [E])."""
-    k = cfg.num_experts_per_tok
+def _route(x_th, router, bias, cfg: ModelConfig, replay_ids=None):
+    """-> (router logits [T, E] float32, weights [T, k], expert ids [T, k], tokens_per_expert
+    [E]). `replay_ids` [T, k] (routing replay): use these experts instead of choosing; the
+    weights still come from the current router's scores, so the router keeps its gradient."""
     logits = x_th.astype(jnp.float32) @ router.astype(jnp.float32)  # [T, E], always float32
     if replay_ids is None:
         weights, expert_ids, tokens_per_expert = kernels.route(
-            logits, bias, top_k=k, n_group=cfg.n_group, topk_group=cfg.topk_group,
-            norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+            logits, bias, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
+            topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor)
     else:
         weights, expert_ids, tokens_per_expert = kernels.replay_route(
             logits, replay_ids, norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor)
+    return logits, weights, expert_ids, tokens_per_expert
+
+
+def routed_experts(x_th, router, bias, gate, up, down, cfg: ModelConfig, first_expert=0,
+                   replay_ids=None):
+    """Routes every token over all E experts, runs the copies that go to the experts held here
+    (`gate.shape[0]` of them, from `first_expert` on) and sums them weighted per token.
+    `replay_ids` [T, k]: routing replay (see `_route`). All T*k copies are sorted and run (the
+    single-device path; expert parallelism uses `routed_experts_buffered`).
+    -> (out [T, H] float32, router logits [T, E], expert ids [T, k], tokens_per_expert [E])."""
+    logits, weights, expert_ids, tokens_per_expert = _route(x_th, router, bias, cfg, replay_ids)
     num_local = gate.shape[0]
-    local_ids = expert_ids - first_expert
-    here = (local_ids >= 0) & (local_ids < num_local)
-    # Copies for experts held elsewhere sort into one extra group past the local ones, which
-    # the grouped matmuls skip (rows past sum(group_sizes) are zero).
-    perm = kernels.sort_by_expert(jnp.where(here, local_ids, num_local), num_local + 1)
+    perm, local_weights = _sort_local(expert_ids, weights, first_expert, num_local)
     y_sorted = swiglu_experts(x_th[perm.token_index], perm.group_sizes[:num_local], gate, up, down,
                               cfg.jnp_dtype)  # [T*k, H]
-    y_tkh = kernels.unsort(y_sorted, perm.order, k)
-    out = jnp.einsum("tkh,tk->th", y_tkh.astype(jnp.float32), jnp.where(here, weights, 0.0))
+    y_tkh = kernels.unsort(y_sorted, perm.order, cfg.num_experts_per_tok)
+    out = jnp.einsum("tkh,tk->th", y_tkh.astype(jnp.float32), local_weights)
+    return out, logits, expert_ids, tokens_per_expert
+
+
+def _sort_local(expert_ids, weights, first_expert, num_local):
+    """Sorts the T*k copies by expert, the `num_local` experts held here (from `first_expert`
+    on) first. Copies for experts held elsewhere sort into one extra group past the local ones,
+    which the grouped matmuls skip (rows past sum(group_sizes) are zero).
+    -> (ExpertSort over num_local + 1 groups, weights [T, k] zeroed for non-local copies)."""
+    local_ids = expert_ids - first_expert
+    here = (local_ids >= 0) & (local_ids < num_local)
+    perm = kernels.sort_by_expert(jnp.where(here, local_ids, num_local), num_local + 1)
+    return perm, jnp.where(here, weights, 0.0)
+
+
+def ep_capacity(num_copies: int, n_expert: int, capacity_factor: float = EP_CAPACITY_FACTOR) -> int:
+    """Rows of one dispatch pass: ceil(capacity_factor * num_copies / n_expert), rounded up to a
+    multiple of 8, at most num_copies (then one pass holds every copy)."""
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    rows = math.ceil(capacity_factor * num_copies / n_expert)
+    rows = -(-rows // _CAPACITY_MULTIPLE) * _CAPACITY_MULTIPLE
+    return max(1, min(rows, num_copies))
+
+
+def routed_experts_buffered(x_th, router, bias, gate, up, down, cfg: ModelConfig, first_expert,
+                            replay_ids=None, *, capacity: int):
+    """`routed_experts` with the dispatch memory bounded by `capacity` rows, still dropless.
+
+    The copies routed to the experts held here are sorted by expert (`kernels.sort_by_expert`;
+    the others sort past them and are never gathered). Pass p runs the sorted local rows
+    [p C, (p + 1) C) through the grouped matmuls as one [C, H] buffer (each expert's group
+    clipped to the window) and scatter-adds the weighted results into out [T, H] float32.
+    There are ceil(T*k / C) passes, enough for every copy even when all of them are local.
+    Pass 0 always runs and keeps its activations for the backward (C rows). The overflow
+    passes run in a `lax.scan`, each under `lax.cond` (skipped once the local rows are used up)
+    inside `jax.checkpoint`: the backward stores only their [C] indices and weights and
+    recomputes a pass's activations when it needs them, so no buffer of more than C rows is
+    ever live, forward or backward. -> as `routed_experts`."""
+    t, h = x_th.shape
+    k = cfg.num_experts_per_tok
+    logits, weights, expert_ids, tokens_per_expert = _route(x_th, router, bias, cfg, replay_ids)
+    num_local = gate.shape[0]
+    perm, local_weights = _sort_local(expert_ids, weights, first_expert, num_local)
+    n = t * k
+    passes = -(-n // capacity)
+    pad = passes * capacity - n  # so every pass's window lies inside the arrays
+    token_index = jnp.pad(perm.token_index, (0, pad))  # [P*C] source token of each sorted row
+    w_sorted = jnp.pad(local_weights.reshape(-1)[perm.order], (0, pad))  # [P*C]
+    ends = jnp.cumsum(perm.group_sizes[:num_local])  # [G] one past each local group's rows
+    starts = ends - perm.group_sizes[:num_local]
+    num_here = ends[-1]  # local copies; they are the first num_here sorted rows
+    x = x_th.astype(cfg.jnp_dtype)
+
+    def window(p):
+        lo = p * capacity
+        gs = jnp.clip(ends, lo, lo + capacity) - jnp.clip(starts, lo, lo + capacity)  # [G]
+        return (lax.dynamic_slice_in_dim(token_index, lo, capacity),
+                lax.dynamic_slice_in_dim(w_sorted, lo, capacity), gs.astype(jnp.int32))
+
+    def run_pass(x, tok, w_row, gs, gate, up, down):  # -> [C, H] float32, weighted
+        y = swiglu_experts(x[tok], gs, gate, up, down, cfg.jnp_dtype)  # rows past sum(gs): 0
+        return y.astype(jnp.float32) * w_row[:, None]
+
+    def skip(x, tok, w_row, gs, gate, up, down):
+        return jnp.zeros((capacity, h), jnp.float32)
+
+    @jax.checkpoint
+    def overflow_pass(busy, x, tok, w_row, gs, gate, up, down):
+        return lax.cond(busy, run_pass, skip, x, tok, w_row, gs, gate, up, down)
+
+    tok, w_row, gs = window(0)
+    out = jnp.zeros((t, h), jnp.float32).at[tok].add(run_pass(x, tok, w_row, gs, gate, up, down))
+    if passes > 1:
+        def step(out, p):
+            tok, w_row, gs = window(p)
+            y = overflow_pass(p * capacity < num_here, x, tok, w_row, gs, gate, up, down)
+            return out.at[tok].add(y), None
+
+        out, _ = lax.scan(step, out, jnp.arange(1, passes, dtype=jnp.int32))
     return out, logits, expert_ids, tokens_per_expert
 
 
@@ -122,12 +219,17 @@ def _moe_local(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg):
     return out.reshape(b, s, h).astype(x_bsh.dtype), MoeStats(counts, aux, ids)
 
 
-def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh):
+def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh,
+                 capacity_factor=None):
     """Expert parallelism with shard_map: each device holds E / n_expert experts (and a 1 /
     n_tensor slice of their width). Tokens, split over the data axes, are all-gathered along
-    `expert`, each device runs the copies routed to its own experts, and a reduce-scatter along
-    `expert` (plus a sum over `tensor`) returns every token's combined output to its owner.
-    Dropless: no capacity, every copy reaches its expert. Expert loads are summed over the mesh."""
+    `expert`, each device runs the copies routed to its own experts through a buffer of
+    `ep_capacity` rows (`routed_experts_buffered`: further passes for any overflow, so
+    dropless), and a reduce-scatter along `expert` (plus a sum over `tensor`), in the compute
+    dtype when that is 16-bit, returns every token's combined output to its owner. Expert loads
+    are summed over the mesh. `capacity_factor`: default `EP_CAPACITY_FACTOR`."""
+    if capacity_factor is None:
+        capacity_factor = EP_CAPACITY_FACTOR
     n_expert, n_tensor = mesh.shape.get("expert", 1), mesh.shape.get("tensor", 1)
     data_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
     batch_axes = data_axes + (("expert",) if n_expert > 1 else ())
@@ -137,6 +239,7 @@ def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh):
     x_spec = P(batch_axes if tokens_split else None, None, None)
     expert_axis = "expert" if n_expert > 1 else None
     tensor_axis = "tensor" if n_tensor > 1 else None
+    comm_dtype = cfg.jnp_dtype if jnp.dtype(cfg.jnp_dtype).itemsize < 4 else jnp.float32
 
     def local(x, router, bias, gate, up, down, replay):
         own = x.shape[0]
@@ -146,10 +249,12 @@ def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh):
                 replay = jax.lax.all_gather(replay, expert_axis, axis=0, tiled=True)
         bl = x.shape[0]
         first = jax.lax.axis_index(expert_axis) * gate.shape[0] if expert_axis else 0
-        out, logits, ids, counts = routed_experts(
+        capacity = ep_capacity(bl * s * cfg.num_experts_per_tok, n_expert, capacity_factor)
+        out, logits, ids, counts = routed_experts_buffered(
             x.reshape(bl * s, h), router, bias, gate, up, down, cfg, first,
-            None if replay is None else replay.reshape(bl * s, -1))
-        out = out.reshape(bl, s, h)
+            None if replay is None else replay.reshape(bl * s, -1), capacity=capacity)
+        # The collectives below move the compute dtype when it is 16-bit, not float32.
+        out = out.reshape(bl, s, h).astype(comm_dtype)
         ids = ids.reshape(bl, s, -1)
         own_ids = ids
         if tokens_split and expert_axis:  # this device's own tokens, as it received them
