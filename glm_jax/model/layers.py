@@ -25,6 +25,11 @@ def constant_param(shape, axes, value: float, config: ModelConfig) -> nnx.Param:
     return nnx.Param(jnp.full(shape, value, config.jnp_param_dtype), logical_axes=axes)
 
 
+def unsharded_embed(axes):
+    """A weight's logical axes at its use: the FSDP axis (`embed`) gathered, the rest as stored."""
+    return tuple(None if a == "embed" else a for a in axes)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias). kernel is [in, out] (the transpose of torch's nn.Linear weight)."""
 
@@ -33,9 +38,12 @@ class Linear(nnx.Module):
         self.kernel = normal_param(rngs, (in_features, out_features), axes, config)
         self.bias = constant_param((out_features,), axes[1:], 0.0, config) if bias else None
         self.dtype = config.jnp_dtype
+        self.use_axes = unsharded_embed(axes)
 
     def __call__(self, x):
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        # Cast, then gather the FSDP shards: the all-gather moves the compute dtype.
+        kernel = constrain(self.kernel[...].astype(self.dtype), *self.use_axes)
+        y = x.astype(self.dtype) @ kernel
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -47,10 +55,13 @@ class Embed(nnx.Module):
         self.dtype = config.jnp_dtype
 
     def __call__(self, ids):  # [B, S] -> [B, S, H]
-        # Gather whole rows: under FSDP the table's `embed` axis is sharded like the batch, which
-        # a gather cannot use, so all-gather it first (as for any FSDP weight at its use).
-        table = constrain(self.embedding[...], "vocab", None)
-        return constrain(jnp.take(table, ids, axis=0).astype(self.dtype), "batch", "seq", None)
+        # Look up in the table as it is stored (under FSDP each device holds an `embed` slice of
+        # every row): gather every device's ids (small), take this slice of their rows, then
+        # reshard the rows to the batch layout (an all-to-all of activations). Neither the table
+        # nor its gradient is ever whole on one device.
+        table = self.embedding[...].astype(self.dtype)
+        rows = jnp.take(table, constrain(ids, None, None), axis=0)
+        return constrain(constrain(rows, None, None, "embed"), "batch", "seq", None)
 
 
 class RMSNorm(nnx.Module):

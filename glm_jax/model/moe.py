@@ -243,6 +243,7 @@ def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh,
 
     def local(x, router, bias, gate, up, down, replay):
         own = x.shape[0]
+        x = x.astype(comm_dtype)  # gathered in the compute dtype when it is 16-bit
         if tokens_split and expert_axis:
             x = jax.lax.all_gather(x, expert_axis, axis=0, tiled=True)
             if replay is not None:
@@ -269,7 +270,7 @@ def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh,
         if tokens_split and data_axes:
             counts = jax.lax.psum(counts, data_axes)
             aux = jax.lax.pmean(aux, data_axes)
-        return out.astype(x.dtype), counts, aux, own_ids
+        return out.astype(x_bsh.dtype), counts, aux, own_ids
 
     weight_spec = P(expert_axis, None, tensor_axis)
     out, counts, aux, ids = jax.shard_map(
@@ -277,7 +278,7 @@ def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh,
         in_specs=(x_spec, P(), P(), weight_spec, weight_spec, P(expert_axis, tensor_axis, None),
                   P() if replay_ids is None else x_spec),
         out_specs=(x_spec, P(), P(), x_spec), check_vma=False,
-    )(x_bsh, router, bias, gate, up, down, replay_ids)
+    )(x_bsh, router, bias, *(w.astype(cfg.jnp_dtype) for w in (gate, up, down)), replay_ids)
     return out, MoeStats(counts, aux, ids)
 
 
