@@ -136,6 +136,24 @@ def test_config_muon_ns_dtype_reaches_the_optimizer():
     assert not np.array_equal(runs["bfloat16"]["kernel"], runs["float32"]["kernel"])
 
 
+def test_config_optimizer_adamw_is_optax_adamw_on_every_parameter():
+    from glm_jax.train.config import base_config
+    from glm_jax.train.loop import build_optimizer
+
+    grads = {"proj": {"kernel": randn(5, (4, 64, 96))}, "norm": {"scale": randn(6, (64,))}}
+    params = jax.tree.map(jnp.ones_like, grads)
+    config = base_config()
+    config.optimizer = "adamw"
+    tx, schedule = build_optimizer(config)
+    ours = run_steps(tx, params, [grads] * 3)[-1]  # lr(0) = 0: the last update moves
+    direct = run_steps(optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adamw(
+        schedule, b1=0.9, b2=0.95, weight_decay=config.weight_decay)), params, [grads] * 3)[-1]
+    chex.assert_trees_all_equal(ours, direct)
+    config.optimizer = "muon"
+    with_muon = run_steps(build_optimizer(config)[0], params, [grads] * 3)[-1]
+    assert not np.allclose(with_muon["proj"]["kernel"], ours["proj"]["kernel"])
+
+
 def test_weight_decay_with_zero_grads():
     """Zero gradients: both halves shrink W by exactly lr * wd * W per step."""
     lr, wd = 0.1, 0.1

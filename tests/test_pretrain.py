@@ -153,6 +153,7 @@ def test_batch_size_warmup_schedule():
     (dict(warmup_steps=8), "config.warmup_steps: 8 must be < schedule_steps 8"),
     (dict(peak_learning_rate=float("nan")), "config.peak_learning_rate: must be a finite number"),
     (dict(muon_ns_dtype="float16"), "config.muon_ns_dtype: must be one of ('float32', 'bfloat16')"),
+    (dict(optimizer="sgd"), "config.optimizer: must be one of ('muon', 'adamw'), got 'sgd'"),
     (dict(mesh={"pipeline": 2}), "config.mesh: unknown axes ['pipeline']"),
     (dict(train_tokenizer=False), "config.tokenizer_path: is empty"),
     (dict(model=dict(preset="tiny", overrides=dict(hidden_size=-1))),

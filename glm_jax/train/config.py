@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.floor_learning_rate = 2.5e-5
     config.weight_decay = 0.1
     config.grad_clip = 1.0
+    # "muon" (GLM-4.5's: Muon on the matrices, AdamW on the rest) or "adamw" (AdamW on every
+    # parameter, b2 0.95: the usual choice for RL and fine-tuning from an AdamW checkpoint).
+    config.optimizer = "muon"
     config.head_with_adam = False
     # Muon's Newton-Schulz iterations in "float32" or "bfloat16" (Moonlight's choice: half the
     # optimizer's matmul bytes; the momentum and the update stay float32).
@@ -61,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 MUON_NS_DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("muon", "adamw")
 
 
 def _fail(field: str, message: str):
@@ -137,6 +141,8 @@ def check_optimizer(config) -> None:
                                      f"{peak}")
     check_float(config, "weight_decay")
     check_float(config, "grad_clip")
+    if config.optimizer not in OPTIMIZERS:
+        _fail("optimizer", f"must be one of {OPTIMIZERS}, got {config.optimizer!r}")
     if config.muon_ns_dtype not in MUON_NS_DTYPES:
         _fail("muon_ns_dtype", f"must be one of {MUON_NS_DTYPES}, got {config.muon_ns_dtype!r}")
 
