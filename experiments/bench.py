@@ -355,6 +355,7 @@ def rewards_bench(preset: str = "", count: int = 256) -> None:
 
 
 # The CPU side-by-side of the fast-paths issue: a small GLM that CI and the tiny demos resemble.
+# No MTP layer in `train` (transformers' Glm4MoeForCausalLM has none to run).
 CPU_TRAIN_CONFIG = dict(hidden_size=256, num_hidden_layers=4, n_routed_experts=16,
                         num_experts_per_tok=4, intermediate_size=512, moe_intermediate_size=128,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -408,13 +409,14 @@ def train_bench(preset: str = "glm45_mini") -> None:
     on_cpu = jax.default_backend() == "cpu"
     if on_cpu:
         name, dtype, rows, seq = "cpu_small", "float32", 8, 256
-        config = ModelConfig.preset("tiny", **CPU_TRAIN_CONFIG)
+        config = ModelConfig.preset("tiny", **CPU_TRAIN_CONFIG, num_nextn_predict_layers=0)
     else:
         name, dtype, rows, seq = preset, "bfloat16", 2, 4096
-        config = ModelConfig.preset(preset, dtype=dtype)
+        config = ModelConfig.preset(preset, dtype=dtype, num_nextn_predict_layers=0)
     model = nnx.jit(lambda: GlmMoeModel(config, rngs=nnx.Rngs(0)))()
     batch = _train_batch(config, rows, seq)
     peer = _transformers_train(model, batch, dtype)
+    fwd_bwd_s = _time(_fwd_bwd(model, batch))
     optimizer = muon(1e-3)
     graphdef, state = TrainState.create(model, optimizer)
     del model
@@ -434,6 +436,7 @@ def train_bench(preset: str = "glm45_mini") -> None:
     record = {"bench": "train", "model": name, "device": device.device_kind, "dtype": dtype,
               "batch": rows, "seq": seq, "first_step_s": round(first, 3),
               "step_s": round(seconds, 4), "glm_jax_tokens_per_s": round(tokens_per_s, 1),
+              "glm_jax_fwd_bwd_tokens_per_s": round(rows * seq / fwd_bwd_s, 1),
               "temp_GiB": round(memory.temp_size_in_bytes / 2**30, 3),
               "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
               "jax": jax.__version__}
@@ -445,8 +448,25 @@ def train_bench(preset: str = "glm45_mini") -> None:
         record["peak_GiB"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
     if peer is not None:
         record.update(transformers_tokens_per_s=round(peer, 1),
-                      ratio=round(tokens_per_s / peer, 2))
+                      ratio=round(tokens_per_s / peer, 2),
+                      ratio_fwd_bwd=round(rows * seq / fwd_bwd_s / peer, 2))
     _emit(record)
+
+
+def _fwd_bwd(model, batch: dict):
+    """Our forward + backward alone (the mean cross-entropy of the main head, no MTP, no
+    optimizer): what transformers' side of `train` measures. -> a callable that waits."""
+    from glm_jax.train.step import token_cross_entropy
+
+    graphdef, state = nnx.split(model)
+    ids, targets = batch["input_ids"][0], batch["target_ids"][0]
+
+    def loss(state):
+        logits = nnx.merge(graphdef, state).forward(ids).logits
+        return token_cross_entropy(logits, targets, jnp.ones(targets.shape)) / targets.size
+
+    grad = jax.jit(jax.grad(loss))
+    return lambda: jax.block_until_ready(grad(state))
 
 
 def all_benchmarks(preset: str = "glm45_mini") -> None:

@@ -13,6 +13,8 @@ def test_train_bench_emits_one_record_of_a_training_step(capsys, monkeypatch):
     record = json.loads(line)
     assert record["bench"] == "train" and record["model"] == "cpu_small"
     assert record["glm_jax_tokens_per_s"] > 0 and record["temp_GiB"] > 0
+    # forward + backward alone does less than the whole step (no optimizer, no MTP head)
+    assert record["glm_jax_fwd_bwd_tokens_per_s"] > record["glm_jax_tokens_per_s"]
     assert record["loss_last"] < record["loss_first"]  # four steps on one batch: it learns
     assert "mfu" not in record  # no known peak for a CPU
 
@@ -41,3 +43,18 @@ def test_gmm_bench_reports_every_direction_per_implementation(capsys, monkeypatc
     (table,) = [r for r in records if r["bench"] == "gmm_table"]
     assert table["implementations"] == ({d: "xla" for d in bench.GMM_DIRECTIONS}
                                         if "tokamax:xla" in impls else {})
+
+
+def test_transformers_train_script_builds_the_bench_model():
+    """experiments/benchmarks/hf_train_step.py (run in a torch environment) times the model
+    `bench --what=train` builds on CPU: every dimension it sets is ours."""
+    import importlib.util
+
+    from glm_jax import ModelConfig
+
+    path = bench.__file__.replace("bench.py", "benchmarks/hf_train_step.py")
+    spec = importlib.util.spec_from_file_location("hf_train_step", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # torch is imported in main() only
+    ours = ModelConfig.preset("tiny", **bench.CPU_TRAIN_CONFIG, num_nextn_predict_layers=0)
+    assert {k: getattr(ours, k) for k in script.DIMS} == script.DIMS
