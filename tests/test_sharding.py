@@ -141,3 +141,28 @@ def test_mesh_that_does_not_divide_a_parameter_names_it():
                                          r"\(vocab, size 511\) does not divide over mesh axes "
                                          r"tensor=2 \(2 ways\)"):
         sharding.state_shardings(abstract, mesh)
+
+
+def test_fsdp_gathers_weights_after_the_cast_and_never_the_embedding_table(reference):
+    """float32 master weights, bfloat16 compute, fsdp=8, in the sharding annotations we emit
+    (XLA:CPU then computes in float32 and lowers reduce-scatters as all-reduces, so its compiled
+    collectives say nothing about a GPU's): each weight is pinned to its shards as float32 and
+    gathered only once cast to bfloat16; the embedding table is never replicated, its lookup
+    comes out split along `embed` (this device's slice of every row), then the batch."""
+    graphdef, state, ids, _ = reference
+    graphdef = nnx.graphdef(GlmMoeModel(CONFIG.replace(dtype="bfloat16"), rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh({"fsdp": 8})
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    ids = jax.device_put(ids, sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.grad(lambda s, i: _loss_fn(graphdef)(s, i)[0])).lower(
+            state, ids).as_text()
+    constraints = re.findall(r"sdy\.sharding_constraint \S+ <@mesh, \[(.*?)\]> : tensor<(\S+)>",
+                             text)
+    gathered = [t for spec, t in constraints
+                if t.count("x") == 2 and "xi" not in t and not spec.strip("{}, ")]
+    assert gathered and all(t.endswith("xbf16") for t in gathered), gathered  # 2-D weights
+    h, v = CONFIG.hidden_size, CONFIG.vocab_size
+    assert not [t for _, t in constraints if t.startswith(f"{v}x{h}x")]  # the table: as stored
+    rows = f"{ids.shape[0]}x{ids.shape[1]}x{h}xbf16"
+    assert ('{}, {}, {"fsdp"}', rows) in constraints and ('{"fsdp"}, {}, {}', rows) in constraints

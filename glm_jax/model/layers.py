@@ -38,11 +38,13 @@ class Linear(nnx.Module):
         self.kernel = normal_param(rngs, (in_features, out_features), axes, config)
         self.bias = constant_param((out_features,), axes[1:], 0.0, config) if bias else None
         self.dtype = config.jnp_dtype
-        self.use_axes = unsharded_embed(axes)
+        self.axes, self.use_axes = axes, unsharded_embed(axes)
 
     def __call__(self, x):
-        # Cast, then gather the FSDP shards: the all-gather moves the compute dtype.
-        kernel = constrain(self.kernel[...].astype(self.dtype), *self.use_axes)
+        # Cast, then gather the FSDP shards: the all-gather moves the compute dtype (the first
+        # constraint keeps sharding propagation from gathering the float32 weight instead).
+        kernel = constrain(self.kernel[...], *self.axes).astype(self.dtype)
+        kernel = constrain(kernel, *self.use_axes)
         y = x.astype(self.dtype) @ kernel
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
