@@ -38,13 +38,13 @@ class Linear(nnx.Module):
         self.kernel = normal_param(rngs, (in_features, out_features), axes, config)
         self.bias = constant_param((out_features,), axes[1:], 0.0, config) if bias else None
         self.dtype = config.jnp_dtype
-        self.axes, self.use_axes = axes, unsharded_embed(axes)
+        self.axes = axes
 
     def __call__(self, x):
         # Cast, then gather the FSDP shards: the all-gather moves the compute dtype (the first
         # constraint keeps sharding propagation from gathering the float32 weight instead).
         kernel = constrain(self.kernel[...], *self.axes).astype(self.dtype)
-        kernel = constrain(kernel, *self.use_axes)
+        kernel = constrain(kernel, *unsharded_embed(self.axes))
         y = x.astype(self.dtype) @ kernel
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
