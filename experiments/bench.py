@@ -355,10 +355,12 @@ def rewards_bench(preset: str = "", count: int = 256) -> None:
 
 
 # The CPU side-by-side of the fast-paths issue: a small GLM that CI and the tiny demos resemble.
-# No MTP layer in `train` (transformers' Glm4MoeForCausalLM has none to run).
+# No MTP layer in `train` (transformers' Glm4MoeForCausalLM has none to run). Our side runs
+# its fastest CPU setting, the layers unrolled, as transformers runs its fastest.
 CPU_TRAIN_CONFIG = dict(hidden_size=256, num_hidden_layers=4, n_routed_experts=16,
                         num_experts_per_tok=4, intermediate_size=512, moe_intermediate_size=128,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                        unroll_layers=True)
 
 
 def _train_batch(config, batch: int, seq: int) -> dict:

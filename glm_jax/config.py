@@ -16,7 +16,8 @@ from glm_jax.errors import ConfigError
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn")
 # How we run the model, not what it is: never written to nor read from an HF config.json.
-_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "attention_block_size")
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "attention_block_size",
+                   "unroll_layers")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +54,10 @@ class ModelConfig:
     remat: str = "none"  # rematerialisation of each scanned layer: one of _REMAT_POLICIES
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS; see glm_jax.model.attention
     attention_block_size: int = 256  # query / key block of the blockwise attention
+    # The decoder layers as straight-line code instead of a lax.scan: no per-layer copies of the
+    # stacked weights and saved activations, and fusion across layers. 1.2x forward + backward
+    # for a 4-layer model on CPU (RESULTS.md); compile time grows with depth, so off by default.
+    unroll_layers: bool = False
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
@@ -108,6 +113,8 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             _fail("attention_impl",
                   f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if not isinstance(self.unroll_layers, bool):
+            _fail("unroll_layers", f"must be True or False, got {self.unroll_layers!r}")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property

@@ -35,6 +35,7 @@ HUB_GLM45_CONFIG = {  # the Hub's zai-org/GLM-4.5 config.json (top-level rope ke
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(dtype="int8"), "dtype"),
     (dict(remat="sometimes"), "remat"),
+    (dict(unroll_layers="yes"), "unroll_layers"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
 ])
 def test_invalid_values_name_the_field(changes, field):

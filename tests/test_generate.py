@@ -41,6 +41,16 @@ def test_decoded_steps_equal_the_full_forward(model, greedy):
     np.testing.assert_array_equal(greedy.lengths, [8, 8])
 
 
+def test_unrolled_layers_decode_the_same_tokens(model, greedy):
+    """The cached prefill and decode run through the unrolled layers too (unroll_layers)."""
+    unrolled = nnx.eval_shape(lambda: GlmMoeModel(CONFIG.replace(unroll_layers=True),
+                                                  rngs=nnx.Rngs(0)))
+    nnx.update(unrolled, nnx.state(model))
+    out = generate(unrolled, PROMPTS, max_new_tokens=8, sampling=GREEDY)
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+    np.testing.assert_allclose(out.logprobs, greedy.logprobs, atol=1e-5)
+
+
 def test_batching_and_left_padding_change_nothing(model, greedy):
     for row, prompt in enumerate(PROMPTS):
         alone = generate(model, [prompt], max_new_tokens=8, sampling=GREEDY)

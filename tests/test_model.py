@@ -1,5 +1,5 @@
 """GlmMoeModel behaviour on the tiny preset: shapes, gradients, packing, padding, causality,
-remat, depth-independent tracing, dtype policy."""
+remat, unrolled layers, depth-independent tracing, dtype policy."""
 
 import chex
 import jax
@@ -99,6 +99,19 @@ def test_remat_does_not_change_gradients(model, remat):
     loss, grads = nnx.jit(nnx.value_and_grad(_loss))(_with_config(model, remat=remat), ids)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     chex.assert_trees_all_close(nnx.state(grads), nnx.state(ref_grads), atol=1e-6)
+
+
+def test_unrolled_layers_equal_the_scan(model):
+    """ModelConfig.unroll_layers runs the same layers as straight-line code: the loss, every
+    gradient and the MoE stats agree with the scan (to float reassociation by XLA's fusion)."""
+    ids = _ids(8, (2, 12))
+    ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(_loss))(model, ids)
+    unrolled = _with_config(model, unroll_layers=True)
+    loss, grads = nnx.jit(nnx.value_and_grad(_loss))(unrolled, ids)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    chex.assert_trees_all_close(nnx.state(grads), nnx.state(ref_grads), atol=1e-6)
+    ref_out, out = _forward(model, ids), _forward(unrolled, ids)
+    np.testing.assert_array_equal(out.moe_stats.expert_ids, ref_out.moe_stats.expert_ids)
 
 
 def _equation_count(layers):

@@ -70,10 +70,12 @@ def stacked_layers(config: ModelConfig, count: int, *, moe: bool, rngs: nnx.Rngs
     return make(rngs)
 
 
-def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=None):
+def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=None,
+                unroll: bool = False):
     """Runs stacked layers with lax.scan -> (x, per-layer stats, per-layer (k, v) or None),
     stacked on axis 0. `cache` = (k [L, B, T, K, D], v, index) for cached decoding;
-    `replay_ids` [L, B, S, k] the experts each MoE layer must use (routing replay)."""
+    `replay_ids` [L, B, S, k] the experts each MoE layer must use (routing replay); `unroll`
+    lays the layers out as straight-line code (ModelConfig.unroll_layers)."""
     graphdef, state = nnx.split(layers)
 
     def body(carry, xs):
@@ -86,7 +88,7 @@ def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=No
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[remat], prevent_cse=False)
     kv = None if cache is None else cache[:2]
-    x, (stats, new_kv) = jax.lax.scan(body, x, (state, kv, replay_ids))
+    x, (stats, new_kv) = jax.lax.scan(body, x, (state, kv, replay_ids), unroll=unroll)
     return x, stats, new_kv
 
 
@@ -180,7 +182,8 @@ class GlmMoeModel(nnx.Module):
             layer_cache = None if cache is None else (cache.k[name], cache.v[name], cache.length)
             x, layer_stats, kv = scan_layers(layers, x, cos, sin, mask, self.config.remat,
                                              layer_cache,
-                                             replay_ids if name == "moe_layers" else None)
+                                             replay_ids if name == "moe_layers" else None,
+                                             unroll=self.config.unroll_layers)
             if name == "moe_layers":
                 stats = layer_stats
             if kv is not None:
