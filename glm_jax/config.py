@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from glm_jax.errors import ConfigError
 
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "splash")
 # How we run the model, not what it is: never written to nor read from an HF config.json.
 _RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "attention_block_size",
                    "unroll_layers")

@@ -1,6 +1,7 @@
 """The attention op's backends against the jnp reference: values and gradients under causal,
-packed, left-padded and decode (KV-cache) masks with grouped query heads; the whole model with
-each backend; and the blockwise backend's compiled memory at glm45_mini's attention shapes."""
+packed, left-padded and decode (KV-cache) masks with grouped query heads; the TPU splash kernel
+in the Pallas interpreter, alone and batch-split over a mesh; the whole model with each backend;
+and the blockwise backend's compiled memory at glm45_mini's attention shapes."""
 
 import functools
 
@@ -13,8 +14,10 @@ from flax import nnx
 
 from glm_jax import GlmMoeModel, ModelConfig
 from glm_jax.errors import ConfigError
+import glm_jax.model.attention as attention_module
+from glm_jax import sharding
 from glm_jax.model.attention import (attention, blockwise_attention, grouped_attention,
-                                     nn_attention, resolve_impl, segment_mask)
+                                     nn_attention, resolve_impl, segment_mask, splash_attention)
 from glm_jax.model.cache import KVCache
 from glm_jax.model.transformer import resolve_segments
 
@@ -115,6 +118,54 @@ def test_auto_and_cudnn_selection_on_cpu():
         ModelConfig.preset("tiny", attention_impl="flash")
 
 
+SPLASH_SEGMENTS = {  # S = 256: the kernel's blocks are 128 or more
+    "causal": [[1] * 256] * 2,
+    "packed": [[1] * 100 + [2] * 156, [1] * 17 + [2] * 200 + [3] * 39],
+    "left_padded": [[0] * 60 + [1] * 196, [1] * 256],  # padding is segment 0 (resolve_segments)
+}
+
+
+@pytest.mark.parametrize("segments", sorted(SPLASH_SEGMENTS))
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)])
+def test_splash_equals_reference_in_the_interpreter(segments, heads, kv_heads):
+    segment_ids = jnp.asarray(SPLASH_SEGMENTS[segments], jnp.int32)
+    mask = segment_mask(segment_ids)
+    q, k, v = _qkv(mask, heads, kv_heads)
+    splash = lambda q, k, v, m: splash_attention(q, k, v, segment_ids, interpret=True)
+    got, want = (_value_and_grads(fn, q, k, v, mask) for fn in (splash, grouped_attention))
+    chex.assert_trees_all_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_splash_splits_the_batch_over_a_mesh():
+    """Under a mesh the kernel runs per device on its rows (shard_map over the batch axes)."""
+    segment_ids = jnp.asarray([[1] * 128 + [2] * 128, [1] * 256] * 4, jnp.int32)  # 8 rows
+    mask = segment_mask(segment_ids)
+    q, k, v = _qkv(mask)
+    want = grouped_attention(q, k, v, mask)
+    mesh = sharding.make_mesh({"fsdp": 4, "expert": 2})
+    rows = sharding.batch_sharding(mesh, 4)
+    q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda q, k, v, ids: splash_attention(q, k, v, ids, interpret=True))(
+            q, k, v, jax.device_put(segment_ids, sharding.batch_sharding(mesh)))
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_splash_selection(monkeypatch):
+    mask = _causal_mask()
+    q, k, v = _qkv(mask)
+    segment_ids = jnp.ones((2, S), jnp.int32)
+    with pytest.raises(ConfigError, match="'splash' needs a TPU"):
+        attention(q, k, v, mask, impl="splash", causal=True, segment_ids=segment_ids)
+    # without segment ids (a KV cache) "splash" means "auto": here the reference
+    np.testing.assert_array_equal(attention(q, k, v, mask, impl="splash"),
+                                  attention(q, k, v, mask, impl="reference"))
+    monkeypatch.setattr(attention_module, "_platform", lambda: "tpu")
+    assert resolve_impl("auto", jnp.bfloat16, 4096 ** 2, 256, splash_ok=True) == "splash"
+    assert resolve_impl("auto", jnp.bfloat16, 4096 ** 2, 256, splash_ok=False) == "blockwise"
+    assert resolve_impl("auto", jnp.bfloat16, 256 ** 2, 256, splash_ok=True) == "reference"
+
+
 def test_runtime_fields_stay_out_of_the_hf_config():
     config = ModelConfig.preset("tiny", attention_impl="blockwise", attention_block_size=64)
     hf = config.to_hf()
@@ -143,6 +194,34 @@ def test_model_logits_blockwise_equal_reference():
     mtp = nnx.jit(lambda m, h, ids: m.mtp_logits(h, ids))
     np.testing.assert_allclose(mtp(blockwise, got.hidden, ids), mtp(reference, want.hidden, ids),
                                atol=1e-4)
+
+
+def test_model_with_splash_equals_reference(monkeypatch):
+    """attention_impl="splash" on a (pretended) TPU, the kernel in the interpreter: the model's
+    logits, MTP logits and gradients over packed rows equal the reference's."""
+    monkeypatch.setattr(attention_module, "_platform", lambda: "tpu")
+    calls = []
+
+    def interpreted(q, k, v, segment_ids):
+        calls.append(q.shape)
+        return splash_attention(q, k, v, segment_ids, interpret=True)
+
+    monkeypatch.setattr(attention_module, "splash_attention", interpreted)
+    reference, splash = _models("splash")
+    ids = jax.random.randint(jax.random.key(2), (2, 256), 0, 512)
+    segments = jnp.array([[1] * 100 + [2] * 156, [0] * 30 + [1] * 226])
+
+    def loss(model):
+        out = model.forward(ids, segment_ids=segments)
+        mtp = model.mtp_logits(out.hidden, ids, segment_ids=segments)
+        return jnp.mean(out.logits ** 2) + jnp.mean(mtp ** 2), (out.logits, mtp)
+
+    step = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
+    (_, want), want_grads = step(reference)
+    (_, got), got_grads = step(splash)
+    chex.assert_trees_all_close(got, want, atol=1e-4)
+    chex.assert_trees_all_close(nnx.state(got_grads), nnx.state(want_grads), atol=1e-5)
+    assert len(calls) == 3  # traced once each: the dense scan, the MoE scan, the MTP layer
 
 
 def test_model_decode_blockwise_equals_reference():

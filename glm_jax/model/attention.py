@@ -3,9 +3,10 @@
 One op, `attention`, with backends (ModelConfig.attention_impl): "reference" (plain jnp, all
 [S, T] scores at once: fastest for small shapes and decoding), "blockwise" (online softmax over
 key blocks in plain jnp: memory linear in S, runs on every platform), "cudnn" (cuDNN flash
-attention through jax.nn.dot_product_attention; GPU only, choosing it elsewhere raises) and "auto".
-Written by hand because jax.nn.dot_product_attention's portable ("xla") path materialises the
-scores too, and splash / Pallas kernels are platform-specific.
+attention through jax.nn.dot_product_attention; GPU only, choosing it elsewhere raises), "splash"
+(the Pallas TPU splash-attention kernel from jax.experimental, causal with segment ids; TPU only)
+and "auto". The jnp backends are written by hand because jax.nn.dot_product_attention's portable
+("xla") path materialises the scores too, and the kernels are platform-specific.
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ from flax import nnx
 from glm_jax.config import ModelConfig
 from glm_jax.errors import ConfigError
 from glm_jax.model.layers import Linear, RMSNorm, apply_rope
+from glm_jax.sharding import BATCH_AXES
 
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _platform() -> str:
+    """JAX's backend, the one place the backends are chosen from (tests pretend other ones)."""
+    return jax.default_backend()
 
 
 def segment_mask(segment_ids):
@@ -52,12 +59,13 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.impl, self.block_size = config.attention_impl, config.attention_block_size
 
-    def __call__(self, x, cos, sin, mask, cache=None):
+    def __call__(self, x, cos, sin, mask, cache=None, segment_ids=None):
         """x [B, S, H]; cos/sin [B, S, rotary_dim]; mask [B, 1, 1, S, T] bool -> ([B, S, H], kv).
 
-        Without `cache`, T = S and kv is None. With `cache` = (k [B, T, K, D], v, index), this
-        step's keys and values are written at slots [index, index + S) and the queries attend
-        over all T slots; kv is the updated (k, v)."""
+        Without `cache`, T = S and kv is None; `segment_ids` [B, S], when given, are those the
+        mask was built from (`segment_mask`), for the kernels that take them instead. With
+        `cache` = (k [B, T, K, D], v, index), this step's keys and values are written at slots
+        [index, index + S) and the queries attend over all T slots; kv is the updated (k, v)."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -72,43 +80,113 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
             kv = (k, v)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=self.impl,
-                        causal=cache is None, block_size=self.block_size)
+                        causal=cache is None, block_size=self.block_size,
+                        segment_ids=None if cache is not None else segment_ids)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), kv
 
 
-def attention(q, k, v, mask, *, impl: str = "auto", causal: bool = False, block_size: int = 256):
+def attention(q, k, v, mask, *, impl: str = "auto", causal: bool = False, block_size: int = 256,
+              segment_ids=None):
     """q [B, S, N, D], k/v [B, T, K, D] with N = K * G; mask [B, 1, 1, S, T] bool -> [B, S, N, D].
 
     `impl` is one of ATTENTION_IMPLS; "auto" resolves with `resolve_impl`. `causal` promises that
-    S == T and the mask lies inside the lower triangle, so cuDNN may skip the upper half. A row
+    S == T and the mask lies inside the lower triangle, so cuDNN may skip the upper half.
+    `segment_ids` [B, S] promise that the mask is `segment_mask(segment_ids)`: splash needs them
+    and runs only then (with a KV cache there are none, and "splash" resolves as "auto"). A row
     whose mask is all False (a left-padding query in a KV cache; nothing reads its output) gets
     the mean of v over all T slots from the reference and blockwise alike; cuDNN turns the mask
     into a large negative bias, which should give the same, but no GPU has checked it yet."""
     chex.assert_rank([q, k, v, mask], [4, 4, 4, 5])
-    impl = resolve_impl(impl, q.dtype, q.shape[1] * k.shape[1], block_size)
+    if impl == "splash" and segment_ids is None:
+        impl = "auto"
+    impl = resolve_impl(impl, q.dtype, q.shape[1] * k.shape[1], block_size,
+                        splash_ok=segment_ids is not None and _splash_block(q.shape[1]) > 0)
+    if impl == "splash":
+        if _platform() != "tpu":
+            raise ConfigError(f"ModelConfig.attention_impl: 'splash' needs a TPU, but JAX's "
+                              f"backend is {_platform()!r}; use 'auto', 'blockwise' "
+                              "or 'reference'")
+        return splash_attention(q, k, v, segment_ids)
     if impl == "reference":
         return grouped_attention(q, k, v, mask)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, mask, block_size=block_size)
-    if jax.default_backend() != "gpu":
+    if _platform() != "gpu":
         raise ConfigError(f"ModelConfig.attention_impl: 'cudnn' needs a GPU, but JAX's backend is "
-                          f"{jax.default_backend()!r}; use 'auto', 'blockwise' or 'reference'")
+                          f"{_platform()!r}; use 'auto', 'blockwise' or 'reference'")
     if q.dtype not in _CUDNN_DTYPES:
         raise ConfigError(f"ModelConfig.attention_impl: 'cudnn' needs dtype bfloat16 or float16, "
                           f"got {q.dtype}; use 'auto', 'blockwise' or 'reference'")
     return nn_attention(q, k, v, mask, causal=causal, implementation="cudnn")
 
 
-def resolve_impl(impl: str, dtype, scores_per_head: int, block_size: int) -> str:
+def resolve_impl(impl: str, dtype, scores_per_head: int, block_size: int, *,
+                 splash_ok: bool = False) -> str:
     """"auto" -> the reference while one head's S x T scores fit in 2 x 2 blocks (on CPU it is as
-    fast there, and decoding stays on it), else cuDNN on a GPU in 16-bit, else blockwise."""
+    fast there, and decoding stays on it), else cuDNN on a GPU in 16-bit, splash on a TPU when
+    `splash_ok` (segment ids given, S a multiple of 128), else blockwise."""
     if impl != "auto":
         return impl
     if scores_per_head <= 4 * block_size * block_size:
         return "reference"
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _CUDNN_DTYPES:
+    if _platform() == "gpu" and jnp.dtype(dtype) in _CUDNN_DTYPES:
         return "cudnn"
+    if _platform() == "tpu" and splash_ok:
+        return "splash"
     return "blockwise"
+
+
+def _splash_block(seq: int) -> int:
+    """The splash kernel's q / kv block: the largest of 512, 256, 128 dividing S (0: none)."""
+    return next((b for b in (512, 256, 128) if seq % b == 0), 0)
+
+
+def _splash_kernel(seq: int, groups: int, interpret: bool):
+    """A causal splash-attention kernel for one kv head's `groups` query heads (MQA form). Built
+    at every trace, not cached: it holds arrays made while tracing."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    block = _splash_block(seq)
+    if not block:
+        raise ConfigError(f"ModelConfig.attention_impl: 'splash' needs a sequence length that "
+                          f"is a multiple of 128, got {seq}; use 'auto' or 'blockwise'")
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((seq, seq))] * groups)
+    return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
+    """Causal attention within segments through the splash kernel: q [B, S, N, D], k/v
+    [B, S, K, D], segment_ids [B, S] -> [B, S, N, D]. GQA runs as one MQA kernel per kv head
+    (vmapped over batch and kv heads). Under a mesh the batch is split over the data-parallel
+    axes with shard_map (a Pallas call is opaque to the SPMD partitioner). `interpret` runs the
+    kernel in the Pallas interpreter (tests on CPU)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    b, s, n, d = q.shape
+    kv_heads = k.shape[2]
+    kernel = _splash_kernel(s, n // kv_heads, interpret)
+
+    def local(q, k, v, segment_ids):
+        qh = (q * d ** -0.5).reshape(q.shape[0], s, kv_heads, n // kv_heads, d)
+        qh = qh.transpose(0, 2, 3, 1, 4)  # [B, K, G, S, D]
+        kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+
+        def one(q1, k1, v1, ids):
+            return kernel(q1, k1, v1, segment_ids=SegmentIds(ids, ids))
+
+        out = jax.vmap(jax.vmap(one, (0, 0, 0, None)))(qh, kh, vh, segment_ids)
+        return out.transpose(0, 3, 1, 2, 4).reshape(q.shape)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v, segment_ids)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    spec = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
 def nn_attention(q, k, v, mask, *, causal: bool, implementation: str):

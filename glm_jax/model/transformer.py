@@ -47,10 +47,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = (MoE(config, rngs=rngs) if moe else
                     MLP(config.hidden_size, config.intermediate_size, config=config, rngs=rngs))
 
-    def __call__(self, x, cos, sin, mask, cache=None, replay_ids=None):
-        """-> (x, MoeStats or None, updated kv cache or None); see Attention for `cache`, MoE
-        for `replay_ids`."""
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def __call__(self, x, cos, sin, mask, cache=None, replay_ids=None, segment_ids=None):
+        """-> (x, MoeStats or None, updated kv cache or None); see Attention for `cache` and
+        `segment_ids`, MoE for `replay_ids`."""
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, segment_ids)
         h = x + attn
         y = self.post_attention_layernorm(h)
         if self.moe:
@@ -71,18 +71,19 @@ def stacked_layers(config: ModelConfig, count: int, *, moe: bool, rngs: nnx.Rngs
 
 
 def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=None,
-                unroll: bool = False):
+                unroll: bool = False, segment_ids=None):
     """Runs stacked layers with lax.scan -> (x, per-layer stats, per-layer (k, v) or None),
     stacked on axis 0. `cache` = (k [L, B, T, K, D], v, index) for cached decoding;
     `replay_ids` [L, B, S, k] the experts each MoE layer must use (routing replay); `unroll`
-    lays the layers out as straight-line code (ModelConfig.unroll_layers)."""
+    lays the layers out as straight-line code (ModelConfig.unroll_layers); `segment_ids` [B, S]
+    those the mask was built from (see Attention)."""
     graphdef, state = nnx.split(layers)
 
     def body(carry, xs):
         layer_state, kv, replay = xs
         layer_cache = None if kv is None else (*kv, cache[2])
         x, stats, new_kv = nnx.merge(graphdef, layer_state)(carry, cos, sin, mask, layer_cache,
-                                                            replay)
+                                                            replay, segment_ids)
         return x, (stats, new_kv)
 
     if remat != "none":
@@ -121,11 +122,12 @@ class MultiTokenPredictor(nnx.Module):
         x, stats, kv = self.final_hidden(hidden, next_ids, cos, sin, mask, cache)
         return self.shared_head.head(x), stats, kv
 
-    def final_hidden(self, hidden, next_ids, cos, sin, mask, cache=None):
-        """As __call__, stopping before the shared head's projection: its input [B, S, H]."""
+    def final_hidden(self, hidden, next_ids, cos, sin, mask, cache=None, segment_ids=None):
+        """As __call__, stopping before the shared head's projection: its input [B, S, H];
+        `segment_ids` as for Attention."""
         e = self.enorm(self.embed_tokens(next_ids))
         x = self.eh_proj(jnp.concatenate([e, self.hnorm(hidden).astype(e.dtype)], axis=-1))
-        x, stats, kv = self.layer(x, cos, sin, mask, cache)
+        x, stats, kv = self.layer(x, cos, sin, mask, cache, None, segment_ids)
         return self.shared_head.norm(x), stats, kv
 
 
@@ -169,10 +171,11 @@ class GlmMoeModel(nnx.Module):
                 raise InputError(f"routing: expected shape [B, S, MoE layers, k] = {expected}, "
                                  f"got {tuple(routing.shape)}")
             replay_ids = jnp.moveaxis(jnp.asarray(routing, jnp.int32), 2, 0)  # [L, B, S, k]
-        output, _ = self._run(input_ids, cos, sin, mask, None, replay_ids)
+        output, _ = self._run(input_ids, cos, sin, mask, None, replay_ids, segment_ids)
         return output
 
-    def _run(self, input_ids, cos, sin, mask, cache: KVCache | None, replay_ids=None):
+    def _run(self, input_ids, cos, sin, mask, cache: KVCache | None, replay_ids=None,
+             segment_ids=None):
         x = self.embed_tokens(input_ids)
         stats, new_k, new_v = None, {}, {}
         for name in ("dense_layers", "moe_layers"):
@@ -183,7 +186,8 @@ class GlmMoeModel(nnx.Module):
             x, layer_stats, kv = scan_layers(layers, x, cos, sin, mask, self.config.remat,
                                              layer_cache,
                                              replay_ids if name == "moe_layers" else None,
-                                             unroll=self.config.unroll_layers)
+                                             unroll=self.config.unroll_layers,
+                                             segment_ids=segment_ids)
             if name == "moe_layers":
                 stats = layer_stats
             if kv is not None:
@@ -228,7 +232,8 @@ class GlmMoeModel(nnx.Module):
         chex.assert_equal_shape_prefix([hidden, next_ids], 2)
         segment_ids, positions = resolve_segments(next_ids, segment_ids, positions, None)
         cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
-        x, stats, _ = self.mtp.final_hidden(hidden, next_ids, cos, sin, segment_mask(segment_ids))
+        x, stats, _ = self.mtp.final_hidden(hidden, next_ids, cos, sin, segment_mask(segment_ids),
+                                            segment_ids=segment_ids)
         return x, stats
 
     def mtp_cached(self, hidden, next_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
