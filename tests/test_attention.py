@@ -136,19 +136,27 @@ def test_splash_equals_reference_in_the_interpreter(segments, heads, kv_heads):
     chex.assert_trees_all_close(got, want, atol=2e-5, rtol=1e-5)
 
 
-def test_splash_splits_the_batch_over_a_mesh():
-    """Under a mesh the kernel runs per device on its rows (shard_map over the batch axes)."""
+@pytest.mark.parametrize("axes", [{"fsdp": 4, "expert": 2}, {"fsdp": 2, "expert": 2, "tensor": 2}])
+def test_splash_splits_rows_and_heads_over_a_mesh(axes):
+    """Under a mesh the kernel runs per device on its rows and, with "tensor", its kv heads."""
     segment_ids = jnp.asarray([[1] * 128 + [2] * 128, [1] * 256] * 4, jnp.int32)  # 8 rows
     mask = segment_mask(segment_ids)
     q, k, v = _qkv(mask)
     want = grouped_attention(q, k, v, mask)
-    mesh = sharding.make_mesh({"fsdp": 4, "expert": 2})
-    rows = sharding.batch_sharding(mesh, 4)
-    q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
+    mesh = sharding.make_mesh(axes)
+    heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        sharding.BATCH_AXES, None, "tensor" if "tensor" in axes else None, None))
+    q, k, v = (jax.device_put(x, heads) for x in (q, k, v))
+    ids = jax.device_put(segment_ids, sharding.batch_sharding(mesh))
+    run = lambda q, k, v, ids: splash_attention(q, k, v, ids, interpret=True)
     with jax.set_mesh(mesh):
-        got = jax.jit(lambda q, k, v, ids: splash_attention(q, k, v, ids, interpret=True))(
-            q, k, v, jax.device_put(segment_ids, sharding.batch_sharding(mesh)))
+        got = jax.jit(run)(q, k, v, ids)
+        jaxpr = jax.make_jaxpr(run)(q, k, v, ids)
     np.testing.assert_allclose(got, want, atol=2e-5)
+    (split,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
+    q_spec = split.params["in_specs"][-4]  # (the kernel's mask tables come first) q, k, v, ids
+    assert q_spec[0] == tuple(sharding.BATCH_AXES)
+    assert q_spec[2] == "tensor"  # kv heads split over "tensor" (size 1 when not in `axes`)
 
 
 def test_splash_selection(monkeypatch):

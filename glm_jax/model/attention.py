@@ -15,6 +15,7 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from glm_jax.config import ModelConfig
 from glm_jax.errors import ConfigError
@@ -160,9 +161,10 @@ def _splash_kernel(seq: int, groups: int, interpret: bool):
 def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
     """Causal attention within segments through the splash kernel: q [B, S, N, D], k/v
     [B, S, K, D], segment_ids [B, S] -> [B, S, N, D]. GQA runs as one MQA kernel per kv head
-    (vmapped over batch and kv heads). Under a mesh the batch is split over the data-parallel
-    axes with shard_map (a Pallas call is opaque to the SPMD partitioner). `interpret` runs the
-    kernel in the Pallas interpreter (tests on CPU)."""
+    (vmapped over batch and kv heads). Under a mesh, shard_map splits the batch over the
+    data-parallel axes and the kv heads (with their query heads) over "tensor" when it divides
+    them (a Pallas call is opaque to the SPMD partitioner). `interpret` runs the kernel in the
+    Pallas interpreter (tests on CPU)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     b, s, n, d = q.shape
@@ -170,7 +172,8 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
     kernel = _splash_kernel(s, n // kv_heads, interpret)
 
     def local(q, k, v, segment_ids):
-        qh = (q * d ** -0.5).reshape(q.shape[0], s, kv_heads, n // kv_heads, d)
+        rows, local_kv = q.shape[0], k.shape[2]
+        qh = (q * d ** -0.5).reshape(rows, s, local_kv, n // kv_heads, d)
         qh = qh.transpose(0, 2, 3, 1, 4)  # [B, K, G, S, D]
         kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
 
@@ -183,10 +186,11 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v, segment_ids)
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    spec = jax.sharding.PartitionSpec(axes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
-                         check_vma=False)(q, k, v, segment_ids)
+    rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    heads = "tensor" if kv_heads % mesh.shape.get("tensor", 1) == 0 else None
+    spec = P(rows, None, heads, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(rows)),
+                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
 
 
 def nn_attention(q, k, v, mask, *, causal: bool, implementation: str):
