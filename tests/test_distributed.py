@@ -18,23 +18,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(num_processes: int, devices_per_process: int) -> list[dict]:
+def _run(num_processes: int, devices_per_process: int, tmp_path: Path) -> list[dict]:
+    """Each worker writes to its own files, not pipes: a worker blocked on a full stderr pipe
+    that nobody reads yet would stall the collectives of the one being waited for."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(num_processes), str(port),
-                               str(devices_per_process)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(num_processes)]
+    logs = [(tmp_path / f"{num_processes}_{i}.out", tmp_path / f"{num_processes}_{i}.err")
+            for i in range(num_processes)]
+    procs = []
+    for i, (out, err) in enumerate(logs):
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(WORKER), str(i), str(num_processes), str(port),
+                 str(devices_per_process)], stdout=stdout, stderr=stderr, text=True))
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        for p in procs:
+            p.kill()  # a no-op for those that exited; never leave a stuck worker behind
     outs = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        assert p.returncode == 0, stderr[-3000:]
-        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    for p, (out, err) in zip(procs, logs):
+        assert p.returncode == 0, err.read_text()[-3000:]
+        outs.append(json.loads(out.read_text().strip().splitlines()[-1]))
     return outs
 
 
-def test_two_processes_match_one():
-    single = _run(1, 4)
-    double = _run(2, 2)
+def test_two_processes_match_one(tmp_path):
+    single = _run(1, 4, tmp_path)
+    double = _run(2, 2, tmp_path)
     assert single[0]["devices"] == 4 and all(o["devices"] == 4 for o in double)
     assert double[0]["losses"] == double[1]["losses"]
     np.testing.assert_allclose(double[0]["losses"], single[0]["losses"], rtol=1e-6)
