@@ -2,6 +2,7 @@
 holding all the devices, given the same global batch."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,8 +21,12 @@ def _free_port() -> int:
 
 def _run(num_processes: int, devices_per_process: int, tmp_path: Path) -> list[dict]:
     """Each worker writes to its own files, not pipes: a worker blocked on a full stderr pipe
-    that nobody reads yet would stall the collectives of the one being waited for."""
+    that nobody reads yet would stall the collectives of the one being waited for. Workers
+    compile without the tests' persistent cache: only process 0 writes it, so with a warm
+    cache process 0 would start its collectives while process 1 still compiles (a run under
+    load hung there for 600 s); cold, both compile alike, as on a fresh CI machine."""
     port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     logs = [(tmp_path / f"{num_processes}_{i}.out", tmp_path / f"{num_processes}_{i}.err")
             for i in range(num_processes)]
     procs = []
@@ -29,7 +34,7 @@ def _run(num_processes: int, devices_per_process: int, tmp_path: Path) -> list[d
         with open(out, "w") as stdout, open(err, "w") as stderr:
             procs.append(subprocess.Popen(
                 [sys.executable, str(WORKER), str(i), str(num_processes), str(port),
-                 str(devices_per_process)], stdout=stdout, stderr=stderr, text=True))
+                 str(devices_per_process)], stdout=stdout, stderr=stderr, text=True, env=env))
     try:
         for p in procs:
             p.wait(timeout=600)
