@@ -254,39 +254,35 @@ SHARDED_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from glm_jax.optim import scale_by_muon
+    from glm_jax.optim import newton_schulz, scale_by_muon
 
-    COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all",
-                   "reduce-scatter")
     mesh = Mesh(np.array(jax.devices()), ("x",))
+    sharding = NamedSharding(mesh, P(None, "x"))  # FSDP: a matrix axis split, layers whole
+    w = jax.device_put(jnp.ones((16, 256, 128)), sharding)  # [L, A, B]
     tx = scale_by_muon()
-
-    def collectives(spec):
-        sharding = NamedSharding(mesh, spec)
-        w = jax.device_put(jnp.ones((4, 64, 32)), sharding)  # [L, A, B]
-        state = tx.init(w)
-        assert state.momentum.sharding == sharding
-        update = jax.jit(tx.update, in_shardings=(sharding, state_shardings(state, sharding)),
-                         out_shardings=(sharding, state_shardings(state, sharding)))
-        hlo = update.lower(w, state).compile().as_text()
-        return sorted(op for op in COLLECTIVES if op in hlo)
-
-    def state_shardings(state, sharding):
-        return jax.tree.map(lambda _: sharding, state)
-
-    print(json.dumps({"layer_axis": collectives(P("x")), "matrix_axis": collectives(P(None, "x"))}))
+    state = tx.init(w)
+    assert state.momentum.sharding == sharding
+    shardings = (sharding, jax.tree.map(lambda _: sharding, state))
+    update = jax.jit(tx.update, in_shardings=shardings, out_shardings=shardings)
+    all_layers = jax.jit(newton_schulz, in_shardings=sharding, out_shardings=sharding)
+    temp = lambda f, *args: f.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    print(json.dumps({"update": temp(update, w, state), "all_layers": temp(all_layers, w)}))
 """)
 
 
-def test_layer_sharded_update_compiles_without_collectives():
-    """Own process: the host device count must be set before jax starts (works under xdist)."""
+def test_fsdp_sharded_update_gathers_one_layer_at_a_time():
+    """A matrix axis split over devices (FSDP): XLA gathers what it orthogonalises, so Muon runs
+    the stacked layers one at a time and the update's temporaries stay far below one gathered
+    float32 stack, which orthogonalising all layers at once exceeds (the control). Own process:
+    the host device count must be set before jax starts (works under xdist)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert found["layer_axis"] == []
-    assert found["matrix_axis"], "control: a matrix-axis sharding should need collectives"
+    temp = json.loads(proc.stdout.strip().splitlines()[-1])
+    stack = 16 * 256 * 128 * 4  # one gathered float32 [L, A, B]
+    assert temp["all_layers"] > stack, temp  # control
+    assert temp["update"] < stack / 2, temp
 
 
 # ---- schedules -----------------------------------------------------------------------------------
