@@ -172,16 +172,20 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         spike = (state.step >= cfg.spike_warmup_steps) & (ce > cfg.spike_factor * state.loss_ema)
         ok = finite & ~spike
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        def update(params, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A cond, not a select of new and old values: the update can then run in place
+        # (a select keeps the old parameters and optimizer state alive beside the new ones).
+        params, opt_state = jax.lax.cond(ok, update, lambda *old: old, state.params,
+                                         state.opt_state)
         rate = bias_update_rate(state.step, rate=cfg.bias_rate, stop_step=cfg.bias_stop_step)
         buffers = update_router_biases(state.buffers, sums["loads"], rate * ok)
         ema = jnp.where(state.step == 0, ce,
                         cfg.loss_ema_decay * state.loss_ema + (1 - cfg.loss_ema_decay) * ce)
         new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params), buffers=buffers,
-            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state,
             loss_ema=jnp.where(ok, ema, state.loss_ema))
 
         lr = learning_rate(state.step) if callable(learning_rate) else learning_rate
