@@ -94,9 +94,11 @@ def _with_config(model, **changes):
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
 def test_remat_does_not_change_gradients(model, remat):
+    """Remat covers the scanned layers and the MTP layer (its loss is part of this one)."""
     ids = _ids(6, (2, 8))
-    ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(_loss))(model, ids)
-    loss, grads = nnx.jit(nnx.value_and_grad(_loss))(_with_config(model, remat=remat), ids)
+    ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(_loss_with_mtp))(model, ids)
+    loss, grads = nnx.jit(nnx.value_and_grad(_loss_with_mtp))(_with_config(model, remat=remat),
+                                                              ids)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     chex.assert_trees_all_close(nnx.state(grads), nnx.state(ref_grads), atol=1e-6)
 

@@ -70,6 +70,13 @@ def stacked_layers(config: ModelConfig, count: int, *, moe: bool, rngs: nnx.Rngs
     return make(rngs)
 
 
+def rematerialised(fn, remat: str):
+    """`fn` under jax.checkpoint with ModelConfig.remat's policy ("none": `fn` itself)."""
+    if remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_REMAT[remat], prevent_cse=False)
+
+
 def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=None,
                 unroll: bool = False, segment_ids=None):
     """Runs stacked layers with lax.scan -> (x, per-layer stats, per-layer (k, v) or None),
@@ -86,8 +93,7 @@ def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=No
                                                             replay, segment_ids)
         return x, (stats, new_kv)
 
-    if remat != "none":
-        body = jax.checkpoint(body, policy=_REMAT[remat], prevent_cse=False)
+    body = rematerialised(body, remat)
     kv = None if cache is None else cache[:2]
     x, (stats, new_kv) = jax.lax.scan(body, x, (state, kv, replay_ids), unroll=unroll)
     return x, stats, new_kv
@@ -122,12 +128,17 @@ class MultiTokenPredictor(nnx.Module):
         x, stats, kv = self.final_hidden(hidden, next_ids, cos, sin, mask, cache)
         return self.shared_head.head(x), stats, kv
 
-    def final_hidden(self, hidden, next_ids, cos, sin, mask, cache=None, segment_ids=None):
+    def final_hidden(self, hidden, next_ids, cos, sin, mask, cache=None, segment_ids=None,
+                     remat: str = "none"):
         """As __call__, stopping before the shared head's projection: its input [B, S, H];
-        `segment_ids` as for Attention."""
+        `segment_ids` as for Attention; `remat` (ModelConfig.remat) rematerialises the decoder
+        layer in the backward, as the main layers are (else its MoE buffers stay live)."""
         e = self.enorm(self.embed_tokens(next_ids))
         x = self.eh_proj(jnp.concatenate([e, self.hnorm(hidden).astype(e.dtype)], axis=-1))
-        x, stats, kv = self.layer(x, cos, sin, mask, cache, None, segment_ids)
+        graphdef, state = nnx.split(self.layer)
+        layer = rematerialised(
+            lambda state, *args: nnx.merge(graphdef, state)(*args), remat)
+        x, stats, kv = layer(state, x, cos, sin, mask, cache, None, segment_ids)
         return self.shared_head.norm(x), stats, kv
 
 
@@ -233,7 +244,7 @@ class GlmMoeModel(nnx.Module):
         segment_ids, positions = resolve_segments(next_ids, segment_ids, positions, None)
         cos, sin = rope_cos_sin(positions, self.config, self.config.jnp_dtype)
         x, stats, _ = self.mtp.final_hidden(hidden, next_ids, cos, sin, segment_mask(segment_ids),
-                                            segment_ids=segment_ids)
+                                            segment_ids=segment_ids, remat=self.config.remat)
         return x, stats
 
     def mtp_cached(self, hidden, next_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
