@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.step = ml_collections.ConfigDict(dict(
         mtp_weight=0.3, mtp_weight_after=0.1, mtp_weight_switch_step=-1, aux_weight=1e-4,
         bias_rate=1e-3, bias_stop_step=-1, spike_factor=3.0, spike_warmup_steps=20,
-        loss_chunk=256))  # positions per chunk of the chunked cross-entropy; 0 = full logits
+        loss_chunk=8192))  # vocabulary entries per chunk of the cross-entropy; 0 = full logits
     config.log_every = 10
     config.checkpoint_every = 100
     config.keep_checkpoints = 3

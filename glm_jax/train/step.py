@@ -18,6 +18,8 @@ import optax
 from flax import nnx, struct
 
 from glm_jax.errors import InputError
+from glm_jax.model.layers import unsharded_embed
+from glm_jax.sharding import constrain
 from glm_jax.train.balance import bias_update_rate, max_violation, update_router_biases
 
 Batch = dict[str, jax.Array]  # input_ids, target_ids, segment_ids, positions, loss_mask: [A, B, S]
@@ -34,9 +36,9 @@ class StepConfig:
     spike_factor: float = 3.0  # skip a step whose loss exceeds this multiple of its running mean
     spike_warmup_steps: int = 20  # the running mean needs a few steps before it means anything
     loss_ema_decay: float = 0.9
-    # Sequence positions per chunk of the chunked cross-entropy (never the full [B, S, V] float32
-    # logits, forward or backward); 0 = project all positions at once.
-    loss_chunk: int = 256
+    # Vocabulary entries per chunk of the chunked cross-entropy (never the full [B, S, V] float32
+    # logits, forward or backward, nor a whole gathered head); 0 = project the whole vocabulary.
+    loss_chunk: int = 8192
 
     @property
     def uses_mtp(self) -> bool:
@@ -70,31 +72,58 @@ def token_cross_entropy(logits, targets, mask):
     return jnp.sum(losses * mask)
 
 
-def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
-    """token_cross_entropy(head(hidden), targets, mask) over sequence chunks of at most `chunk`
-    positions, each chunk's logits rematerialised in the backward: only one [B, chunk, V] block
-    of logits exists at a time. hidden [B, S, H]; head: [..., H] -> [..., V], e.g. the lm_head."""
-    b, s, _ = hidden.shape
-    n = -(-s // chunk)
-    size = -(-s // n)  # even chunks of at most `chunk`: little padding
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, n * size - s)] + [(0, 0)] * (x.ndim - 2))
-    split = lambda x: jnp.moveaxis(pad(x).reshape(b, n, size, *x.shape[2:]), 1, 0)
+def vocab_chunks(vocab: int, chunk: int) -> int:
+    """How many vocabulary chunks of at most `chunk` entries: the fewest that divide `vocab`
+    when one exists below twice the minimum (no padding), else the minimum (the last padded)."""
+    least = -(-vocab // chunk)
+    return next((n for n in range(least, 2 * least) if vocab % n == 0), least)
+
+
+def chunked_cross_entropy(hidden, kernel, targets, mask, chunk: int, *, gather=lambda w: w):
+    """token_cross_entropy(hidden @ kernel, targets, mask) over vocabulary chunks of at most
+    `chunk` entries: an online log-sum-exp (a lax.scan, each chunk's logits rematerialised in
+    the backward), so only a [B, S, chunk] float32 block of logits exists at a time. Chunk i
+    holds the ids congruent to i modulo the chunk count, so a vocabulary sharded over devices
+    stays sharded in every chunk. `gather` is applied to each [H, chunk] slice of the kernel
+    before use (e.g. the FSDP all-gather): the whole head is never gathered, and its gradient
+    is reduced a chunk at a time, once per step instead of once per position chunk.
+    hidden [B, S, H], kernel [H, V], targets and mask [B, S]."""
+    h, v = kernel.shape
+    n = vocab_chunks(v, chunk)
+    width = -(-v // n)
+    kernel = jnp.pad(kernel, [(0, 0), (0, n * width - v)])
+    kernel = jnp.moveaxis(kernel.reshape(h, width, n), 2, 0)  # [n, H, width]: id = p * n + i
+    ids = jnp.arange(width) * n
 
     @jax.checkpoint
-    def body(total, xs):
-        x, t, m = xs
-        return total + token_cross_entropy(head(x), t, m), None
+    def body(carry, xs):
+        top, total, picked = carry  # running max, sum of exp(logit - max), the target's logit
+        w, i = xs
+        logits = (hidden @ gather(w)).astype(jnp.float32)
+        logits = jnp.where(ids + i < v, logits, -jnp.inf)
+        new_top = jax.lax.stop_gradient(jnp.maximum(top, logits.max(-1)))
+        total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[..., None]).sum(-1)
+        here = jnp.take_along_axis(logits, (targets // n)[..., None], -1)[..., 0]
+        picked = picked + jnp.where(targets % n == i, here, 0.0)
+        return (new_top, total, picked), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (split(hidden), split(targets), split(mask)))
-    return total
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    init = (jnp.full(targets.shape, -jnp.inf), zeros, zeros)
+    (top, total, picked), _ = jax.lax.scan(body, init, (kernel, jnp.arange(n)))
+    return jnp.sum((top + jnp.log(total) - picked) * mask)
 
 
 def head_cross_entropy(head, hidden, targets, mask, chunk: int):
-    """The cross-entropy of head(hidden): chunked unless `chunk` is 0."""
-    if chunk:
-        return chunked_cross_entropy(head, hidden, targets, mask, chunk)
-    return token_cross_entropy(head(hidden), targets, mask)
+    """The cross-entropy of head(hidden), `head` a bias-free Linear: vocabulary-chunked unless
+    `chunk` is 0. Under FSDP each chunk of the head is gathered in the compute dtype."""
+    if not chunk:
+        return token_cross_entropy(head(hidden), targets, mask)
+    if head.bias is not None:
+        raise ValueError("head_cross_entropy: the output head has a bias, which the chunked "
+                         "loss does not add; set step.loss_chunk=0")
+    kernel = constrain(head.kernel[...], *head.axes).astype(head.dtype)
+    return chunked_cross_entropy(hidden.astype(head.dtype), kernel, targets, mask, chunk,
+                                 gather=lambda w: constrain(w, *unsharded_embed(head.axes)))
 
 
 def mtp_targets(batch: Batch):
