@@ -2,9 +2,9 @@
 
 Parameters and optimizer state are counted exactly from their shardings (each device's shard
 shape); activations and temporaries come from XLA's memory analysis of the compiled train step
-for the config's per-device micro-batch. The step is compiled for a shallow copy of the model
-(the dense layers plus two and three MoE layers) and extrapolated per MoE layer: layers are scanned,
-so every MoE layer costs the same.
+for the config's per-device micro-batch, compiled at the model's full depth (the layers are
+scanned, so that costs no more than a shallow copy; extrapolating from shallow copies missed
+whatever grows with the stacked parameters, such as the optimizer's temporaries).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _like(leaf, params, default):
 def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1,
                 activations: bool = True) -> dict:
     """Per-device GiB of parameters, optimizer state and (if `activations`, which compiles the
-    step twice) activations/temporaries."""
+    step) activations/temporaries."""
     optimizer, _ = build_optimizer(config)
     _, params, _ = _abstract(model_cfg)
     p_shard = sharding.state_shardings(params, mesh)
@@ -96,10 +96,6 @@ def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1,
             "optimizer_GiB": opt_bytes / GiB}
     if not activations:
         return plan
-    k = model_cfg.first_k_dense_replace
-    shallow = [_step_temp_bytes(config, model_cfg.replace(num_hidden_layers=k + n), mesh,
-                                rows_per_device) for n in (2, 3)]
-    per_moe_layer = shallow[1] - shallow[0]
-    act = shallow[0] + (model_cfg.num_moe_layers - 2) * per_moe_layer
-    return {**plan, "activations_GiB": act / GiB, "activations_per_moe_layer_GiB":
-            per_moe_layer / GiB, "total_GiB": (param_bytes + opt_bytes + act) / GiB}
+    act = _step_temp_bytes(config, model_cfg, mesh, rows_per_device)
+    return {**plan, "activations_GiB": act / GiB,
+            "total_GiB": (param_bytes + opt_bytes + act) / GiB}
