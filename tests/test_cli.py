@@ -77,7 +77,7 @@ def _fails(args, message, stdin=""):
     (["grpo", "--config=configs/grpo_tiny.py", "--config.rl.kinds=add,chess"],
      "config.rl.kinds: kinds must be among"),
     (["grpo", "--config=configs/grpo_tiny.py:dapo", "--config.rl.overlong_cache=100"],
-     "config.rl.overlong_cache: 100 exceeds rl.max_new_tokens 64"),
+     "config.rl.overlong_cache: 100 exceeds rl.max_new_tokens 96"),
     (["grpo", "--config=configs/grpo_tiny.py:ppo"], "algorithm 'ppo': the presets are"),
     (["grpo", "--config=configs/grpo_tiny.py", "--config.rl.dynamic_temperature.every=5",
       "--config.rl.dynamic_temperature.temperatures=0.8,hot"],
