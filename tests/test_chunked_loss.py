@@ -121,3 +121,29 @@ def test_fsdp_head_is_never_whole_nor_its_gradient():
     # measured: chunked 3.7 MiB, full logits 136 MiB; the earlier loss that chunked positions
     # (a whole head gathered, its gradient reduced per chunk) 40 MiB
     assert chunked < head_gradient / 2, (chunked, full)
+
+
+@pytest.mark.parametrize("mesh_shape", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}])
+def test_sharded_chunked_loss_equals_full_logits(mesh_shape):
+    """On a mesh (the head's `embed` split over fsdp, its vocabulary over tensor) the chunked
+    loss and its gradients equal the full-logits loss."""
+    from glm_jax.model.layers import Linear
+    from glm_jax.train.step import head_cross_entropy
+
+    h, v, rows, seq = 16, 96, 8, 12
+    config = ModelConfig.preset("tiny", hidden_size=h, vocab_size=v)
+    head = Linear(h, v, bias=False, axes=("embed", "vocab"), config=config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(head)
+    hidden, _, targets, mask = _inputs(b=rows, s=seq, h=h, v=v)
+    mesh = sharding.make_mesh(mesh_shape)
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    hidden = jax.device_put(hidden, rows_sharding)
+
+    def value_and_grads(chunk):
+        loss = lambda state, x: head_cross_entropy(nnx.merge(graphdef, state), x, targets, mask,
+                                                   chunk)
+        with jax.set_mesh(mesh):
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, hidden)
+
+    chex.assert_trees_all_close(value_and_grads(20), value_and_grads(0), atol=1e-5, rtol=1e-5)
