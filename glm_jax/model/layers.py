@@ -40,12 +40,18 @@ class Linear(nnx.Module):
         self.dtype = config.jnp_dtype
         self.axes = axes
 
+    def cast_kernel(self):
+        """The kernel in the compute dtype, still as stored (FSDP-sharded). Cast before the
+        gather, so the all-gather moves the compute dtype (the constraint keeps sharding
+        propagation from gathering the float32 weight instead)."""
+        return constrain(self.kernel[...], *self.axes).astype(self.dtype)
+
+    def gather(self, kernel):
+        """`cast_kernel()`, or a slice of its output axis, with the FSDP shards gathered."""
+        return constrain(kernel, *unsharded_embed(self.axes))
+
     def __call__(self, x):
-        # Cast, then gather the FSDP shards: the all-gather moves the compute dtype (the first
-        # constraint keeps sharding propagation from gathering the float32 weight instead).
-        kernel = constrain(self.kernel[...], *self.axes).astype(self.dtype)
-        kernel = constrain(kernel, *unsharded_embed(self.axes))
-        y = x.astype(self.dtype) @ kernel
+        y = x.astype(self.dtype) @ self.gather(self.cast_kernel())
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -18,8 +18,6 @@ import optax
 from flax import nnx, struct
 
 from glm_jax.errors import InputError
-from glm_jax.model.layers import unsharded_embed
-from glm_jax.sharding import constrain
 from glm_jax.train.balance import bias_update_rate, max_violation, update_router_biases
 
 Batch = dict[str, jax.Array]  # input_ids, target_ids, segment_ids, positions, loss_mask: [A, B, S]
@@ -91,6 +89,7 @@ def chunked_cross_entropy(hidden, kernel, targets, mask, chunk: int, *, gather=l
     h, v = kernel.shape
     n = vocab_chunks(v, chunk)
     width = -(-v // n)
+    padded = n * width > v
     kernel = jnp.pad(kernel, [(0, 0), (0, n * width - v)])
     kernel = jnp.moveaxis(kernel.reshape(h, width, n), 2, 0)  # [n, H, width]: id = p * n + i
     ids = jnp.arange(width) * n
@@ -100,7 +99,8 @@ def chunked_cross_entropy(hidden, kernel, targets, mask, chunk: int, *, gather=l
         top, total, picked = carry  # running max, sum of exp(logit - max), the target's logit
         w, i = xs
         logits = (hidden @ gather(w)).astype(jnp.float32)
-        logits = jnp.where(ids + i < v, logits, -jnp.inf)
+        if padded:
+            logits = jnp.where(ids + i < v, logits, -jnp.inf)
         new_top = jax.lax.stop_gradient(jnp.maximum(top, logits.max(-1)))
         total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[..., None]).sum(-1)
         here = jnp.take_along_axis(logits, (targets // n)[..., None], -1)[..., 0]
@@ -121,9 +121,8 @@ def head_cross_entropy(head, hidden, targets, mask, chunk: int):
     if head.bias is not None:
         raise ValueError("head_cross_entropy: the output head has a bias, which the chunked "
                          "loss does not add; set step.loss_chunk=0")
-    kernel = constrain(head.kernel[...], *head.axes).astype(head.dtype)
-    return chunked_cross_entropy(hidden.astype(head.dtype), kernel, targets, mask, chunk,
-                                 gather=lambda w: constrain(w, *unsharded_embed(head.axes)))
+    return chunked_cross_entropy(hidden.astype(head.dtype), head.cast_kernel(), targets, mask,
+                                 chunk, gather=head.gather)
 
 
 def mtp_targets(batch: Batch):
