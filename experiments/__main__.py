@@ -33,6 +33,8 @@ flags.DEFINE_string("workdir", None, "workdir of the demo run (default: the conf
 flags.DEFINE_string("what", "decode", "bench: which benchmark")
 flags.DEFINE_string("preset", "glm45_mini", "bench: model preset")
 flags.DEFINE_integer("devices", 8, "virtual CPU devices (plan)")
+flags.DEFINE_string("topology", None, "plan: compile for this TPU topology through libtpu instead "
+                    "of virtual CPUs, e.g. v5p:4x4x8 (128 chips)")
 flags.DEFINE_string("mesh", "{}", "mesh axis sizes as JSON (plan)")
 flags.DEFINE_integer("rows_per_device", 1, "sequences per device per micro-batch (plan)")
 flags.DEFINE_float("temperature", 0.7, "sampling temperature, 0 = greedy")

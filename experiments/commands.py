@@ -357,14 +357,16 @@ def _read_tools(path: str) -> list:
 
 
 def plan(flags) -> None:
-    """Per-device memory of --config's training on --devices virtual CPUs with --mesh sizes."""
+    """Per-device memory of --config's training with --mesh sizes: on --devices virtual CPUs, or
+    compiled by libtpu for the chips of a TPU --topology (its count replaces --devices)."""
     import os
 
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={flags.devices}")
     os.environ["JAX_PLATFORMS"] = "cpu"
-    from experiments.plan import memory_plan
+    from experiments.plan import memory_plan, tpu_devices
     from glm_jax import ModelConfig, sharding
+    from kernels.backends import targeting
 
     if flags.config is None:
         raise InputError("plan needs --config=configs/<name>.py")
@@ -374,8 +376,12 @@ def plan(flags) -> None:
         raise InputError(f"--mesh {flags.mesh!r}: not JSON ({e})") from e
     config = flags.config
     model_cfg = ModelConfig.preset(config.model.preset, **dict(config.model.overrides))
-    mesh = sharding.make_mesh(mesh_shape)
-    print(json.dumps(memory_plan(config, model_cfg, mesh, rows_per_device=flags.rows_per_device)))
+    devices = tpu_devices(flags.topology) if flags.topology else None
+    mesh = sharding.make_mesh(mesh_shape, devices=devices)
+    with targeting("tpu" if flags.topology else "cpu"):
+        result = memory_plan(config, model_cfg, mesh, rows_per_device=flags.rows_per_device)
+    target = f"TPU {flags.topology}" if flags.topology else f"{mesh.size} virtual CPUs"
+    print(json.dumps({"compiled_for": target, **result}))
 
 
 def bench(flags) -> None:
@@ -401,7 +407,7 @@ COMMANDS = {
     "generate": Command(generate, ("checkpoint", "prompt", "steps") + _SAMPLING),
     "chat": Command(chat, ("checkpoint", "steps", "thinking", "tools") + _SAMPLING),
     "convert": Command(convert, ("checkpoint",)),
-    "plan": Command(plan, ("config", "devices", "mesh", "rows_per_device")),
+    "plan": Command(plan, ("config", "devices", "topology", "mesh", "rows_per_device")),
     "bench": Command(bench, ("what", "preset")),
 }
 

@@ -4,12 +4,16 @@ Parameters and optimizer state are counted exactly from their shardings (each de
 shape); activations and temporaries come from XLA's memory analysis of the compiled train step
 for the config's per-device micro-batch, compiled at the model's full depth (the layers are
 scanned, so that costs no more than a shallow copy; extrapolating from shallow copies missed
-whatever grows with the stacked parameters, such as the optimizer's temporaries).
+whatever grows with the stacked parameters, such as the optimizer's temporaries). It compiles
+for virtual CPUs, or, with libtpu installed, for the chips of a TPU topology: ahead-of-time
+compilation needs no TPU, and the buffers are those the TPU compiler will allocate on the chips
+(its own fusion, layouts and scheduling), not XLA:CPU's.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +21,31 @@ import numpy as np
 from flax import nnx
 
 from glm_jax import sharding
+from glm_jax.errors import InputError
 from glm_jax.model import GlmMoeModel
 from glm_jax.optim import param_labels
 from glm_jax.train.loop import build_optimizer, step_config
 from glm_jax.train.step import TrainState, make_train_step
 
 GiB = 1024 ** 3
+
+
+def tpu_devices(topology: str) -> list:
+    """The chips of a TPU `topology` such as "v5p:4x4x8", from libtpu, on any host: compiling for
+    them makes XLA's memory analysis the TPU compiler's own (bfloat16 kept, TPU scheduling)."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"--topology={topology} compiles with libtpu, which is not installed: "
+                         "pip install -e '.[tpu]'") from e
+    from jax.experimental import topologies
+
+    # Compiling touches no chip, so several plans (or tests) may hold libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:  # libtpu raises its own error types, e.g. for unknown names
+        raise InputError(f"--topology={topology}: libtpu gave no devices for it ({e})") from e
 
 
 def _device_bytes(abstract_state, shardings) -> int:

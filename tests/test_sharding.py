@@ -1,7 +1,10 @@
 """Sharding on 8 virtual CPU devices: every mesh gives the single-device logits, gradients and
 expert loads; expert weights are split, never all-gathered; checkpoints load into shardings."""
 
+import json
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +134,45 @@ def test_memory_plan_counts_shards_exactly():
     # every MoE layer's (and the MTP layer's) expert stack is split 8 ways
     assert split["optimizer_GiB"] < replicated["optimizer_GiB"] - 0.8 * experts * 4 * (
         CONFIG.num_moe_layers + 1) / GiB
+
+
+def test_targeting_picks_the_kernels_of_the_platform_compiled_for(monkeypatch):
+    from glm_jax.model.attention import resolve_impl
+    from kernels.backends import platform, targeting
+    from kernels.gmm import _auto_backend
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    long_bf16 = (jnp.bfloat16, 4096 ** 2, 256)
+    assert _auto_backend() == "reference"
+    with targeting("tpu"):
+        assert platform() == "tpu" and _auto_backend() == "tpu"
+        assert resolve_impl("auto", *long_bf16, splash_ok=True) == "splash"
+        with targeting("gpu"):
+            assert _auto_backend() == "gpu"
+            assert resolve_impl("auto", *long_bf16) == "cudnn"
+        assert platform() == "tpu"
+    assert platform() == "cpu" and resolve_impl("auto", *long_bf16, splash_ok=True) == "blockwise"
+
+
+def test_plan_for_a_tpu_topology_without_libtpu_says_how_to_install_it(monkeypatch):
+    from experiments.plan import tpu_devices
+
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # makes `import libtpu` fail
+    with pytest.raises(InputError, match=r"--topology=v5p:2x2x1 compiles with libtpu, which is "
+                                         r"not installed: pip install -e '\.\[tpu\]'"):
+        tpu_devices("v5p:2x2x1")
+
+
+def test_plan_compiles_for_a_tpu_topology_on_this_host():
+    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]')")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments", "plan", "--config=configs/pretrain_tiny.py",
+         "--topology=v5p:2x2x1", '--mesh={"expert": 4}'],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plan["compiled_for"] == "TPU v5p:2x2x1" and plan["devices"] == 4
+    assert plan["mesh"]["expert"] == 4 and plan["activations_GiB"] > 0
 
 
 def test_mesh_that_does_not_divide_a_parameter_names_it():

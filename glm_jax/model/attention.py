@@ -21,13 +21,15 @@ from glm_jax.config import ModelConfig
 from glm_jax.errors import ConfigError
 from glm_jax.model.layers import Linear, RMSNorm, apply_rope
 from glm_jax.sharding import BATCH_AXES
+from kernels import backends
 
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _platform() -> str:
-    """JAX's backend, the one place the backends are chosen from (tests pretend other ones)."""
-    return jax.default_backend()
+    """The one place the backends are chosen from (tests pretend other ones): JAX's backend, or
+    the one being compiled for (`kernels.backends.targeting`)."""
+    return backends.platform()
 
 
 def segment_mask(segment_ids):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from kernels.backends import resolve
+from kernels.backends import platform, resolve
 from kernels.gmm import gpu, reference, tpu
 
 Array = jax.Array
@@ -38,14 +38,13 @@ BACKENDS: dict[str, GmmBackend] = {
 
 
 def _auto_backend() -> str:
-    """The one place that picks a backend per platform (jax.default_backend()).
+    """The one place that picks a backend per platform (`kernels.backends.platform()`).
 
     TPU uses jax's megablox kernels, GPU tokamax's (``gpu``, which falls back
     to ``lax.ragged_dot`` and then the reference by itself); CPU the reference
     (``lax.ragged_dot`` expands to a [G, M, K] masked copy there).
     """
-    platform = jax.default_backend()
-    return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}.get(platform, "reference")
+    return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}.get(platform(), "reference")
 
 
 def _check_inputs(lhs: Array, rhs: Array, group_sizes: Array) -> None:
