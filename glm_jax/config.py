@@ -17,7 +17,7 @@ _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "cudnn", "splash")
 # How we run the model, not what it is: never written to nor read from an HF config.json.
 _RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "attention_block_size",
-                   "unroll_layers")
+                   "unroll_layers", "ep_capacity_factor")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,6 +58,11 @@ class ModelConfig:
     # stacked weights and saved activations, and fusion across layers. 1.2x forward + backward
     # for a 4-layer model on CPU (RESULTS.md); compile time grows with depth, so off by default.
     unroll_layers: bool = False
+    # Expert parallelism: each device's dispatch buffer holds ep_capacity_factor x its balanced
+    # share of token copies; copies past it take further passes, never dropped (model/moe.py).
+    # Smaller buffers, less memory (TPU: 1.25 saves 6.9 GiB/chip on GLM-4.5, BUILD.md); more
+    # imbalance absorbed in one pass with larger ones.
+    ep_capacity_factor: float = 2.0
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
@@ -113,6 +118,9 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             _fail("attention_impl",
                   f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if (not isinstance(self.ep_capacity_factor, (int, float))
+                or isinstance(self.ep_capacity_factor, bool) or self.ep_capacity_factor <= 0):
+            _fail("ep_capacity_factor", f"must be a number > 0, got {self.ep_capacity_factor!r}")
         if not isinstance(self.unroll_layers, bool):
             _fail("unroll_layers", f"must be True or False, got {self.unroll_layers!r}")
 

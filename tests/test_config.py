@@ -36,6 +36,8 @@ HUB_GLM45_CONFIG = {  # the Hub's zai-org/GLM-4.5 config.json (top-level rope ke
     (dict(dtype="int8"), "dtype"),
     (dict(remat="sometimes"), "remat"),
     (dict(unroll_layers="yes"), "unroll_layers"),
+    (dict(ep_capacity_factor=0.0), "ep_capacity_factor"),
+    (dict(ep_capacity_factor="2"), "ep_capacity_factor"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
 ])
 def test_invalid_values_name_the_field(changes, field):

@@ -74,18 +74,19 @@ def test_expert_parallel_matches_single_device(model, case):
     np.testing.assert_array_equal(out.moe_stats.tokens_per_expert, counts)
 
 
-def test_many_overflow_passes_match_single_device(model, monkeypatch):
+def test_many_overflow_passes_match_single_device(model):
     """A buffer of 8 rows (capacity factor 0.25): 32 passes, 16 of them used by the device
     that receives every token's first copy."""
     graphdef, state, ids = model
     state = _with_bias(state, (3,))
     step = jax.jit(jax.value_and_grad(_loss_fn(graphdef), has_aux=True))
     (_, ref_out), ref_grads = step(state, ids)
-    monkeypatch.setattr(moe, "EP_CAPACITY_FACTOR", 0.25)
+    small = CONFIG.replace(ep_capacity_factor=0.25)
     assert moe.ep_capacity(ids.size * CONFIG.num_experts_per_tok, 8, 0.25) == 8
+    small_graphdef = nnx.graphdef(nnx.eval_shape(lambda: GlmMoeModel(small, rngs=nnx.Rngs(0))))
     mesh = sharding.make_mesh({"expert": 8})
     with jax.set_mesh(mesh):
-        (_, out), grads = jax.jit(jax.value_and_grad(_loss_fn(graphdef), has_aux=True))(
+        (_, out), grads = jax.jit(jax.value_and_grad(_loss_fn(small_graphdef), has_aux=True))(
             jax.device_put(state, sharding.state_shardings(state, mesh)),
             jax.device_put(ids, sharding.batch_sharding(mesh)))
     np.testing.assert_allclose(out.logits, ref_out.logits, atol=1e-4)
@@ -94,10 +95,11 @@ def test_many_overflow_passes_match_single_device(model, monkeypatch):
 
 
 def test_ep_capacity():
-    assert moe.ep_capacity(256, 8) == 64  # 2x the balanced share
-    assert moe.ep_capacity(100, 8) == 32  # ceil(25) rounded up to a multiple of 8
-    assert moe.ep_capacity(128, 1) == 128  # never more rows than copies: one pass
-    assert moe.ep_capacity(5, 4) == 5
+    assert moe.ep_capacity(256, 8, 2.0) == 64  # 2x the balanced share
+    assert moe.ep_capacity(256, 8, 1.25) == 40
+    assert moe.ep_capacity(100, 8, 2.0) == 32  # ceil(25) rounded up to a multiple of 8
+    assert moe.ep_capacity(128, 1, 2.0) == 128  # never more rows than copies: one pass
+    assert moe.ep_capacity(5, 4, 2.0) == 5
     with pytest.raises(ValueError, match="capacity_factor"):
         moe.ep_capacity(64, 8, 0.0)
 
@@ -118,10 +120,9 @@ def _block_args(cfg, b=8, s=512):
             jax.random.normal(ks[4], (e, f, h)) * 0.05)
 
 
-def _block(cfg, mesh, capacity_factor, grad):
+def _block(cfg, mesh, grad):
     def f(x, router, bias, gate, up, down):
-        out, stats = moe._moe_sharded(x, router, bias, gate, up, down, None, cfg=cfg, mesh=mesh,
-                                      capacity_factor=capacity_factor)
+        out, stats = moe._moe_sharded(x, router, bias, gate, up, down, None, cfg=cfg, mesh=mesh)
         if not grad:
             return out
         return jnp.sum(out.astype(jnp.float32) ** 2) + stats.seq_aux_loss
@@ -136,15 +137,16 @@ def test_dispatch_temporaries_are_bounded_by_the_buffer():
     mesh = sharding.make_mesh({"expert": 8})
     args = _block_args(BLOCK)
     copies = 8 * 512 * BLOCK.num_experts_per_tok
-    assert moe.ep_capacity(copies, 8) == copies // 4
+    assert moe.ep_capacity(copies, 8, BLOCK.ep_capacity_factor) == copies // 4
     with jax.set_mesh(mesh):
-        temp = {(cf, grad): _block(BLOCK, mesh, cf, grad).lower(*args).compile()
+        temp = {(cf, grad): _block(BLOCK.replace(ep_capacity_factor=cf), mesh, grad)
+                .lower(*args).compile()
                 .memory_analysis().temp_size_in_bytes
                 for cf in (8.0, 2.0) for grad in (False, True)}
     assert temp[2.0, False] < 0.5 * temp[8.0, False], temp
     assert temp[2.0, True] < 0.7 * temp[8.0, True], temp
     # A buffer of C rows: the forward's temporaries stay within a few [C, H] float32 buffers.
-    c_rows_bytes = moe.ep_capacity(copies, 8) * BLOCK.hidden_size * 4
+    c_rows_bytes = moe.ep_capacity(copies, 8, 2.0) * BLOCK.hidden_size * 4
     assert temp[2.0, False] < 8 * c_rows_bytes, temp
 
 
@@ -153,7 +155,7 @@ def test_expert_outputs_cross_the_mesh_in_bfloat16():
     mesh = sharding.make_mesh({"data": 2, "expert": 4})
     args = _block_args(cfg, s=64)
     with jax.set_mesh(mesh):
-        text = _block(cfg, mesh, None, grad=True).lower(*args).as_text()
+        text = _block(cfg, mesh, grad=True).lower(*args).as_text()
     scatters = re.findall(r"stablehlo\.reduce_scatter.*?->\s*tensor<([^>]*)>", text, re.S)
     assert scatters and all(t.endswith("bf16") for t in scatters), scatters
     gathers = re.findall(r"stablehlo\.all_gather.*?->\s*tensor<([^>]*)>", text, re.S)

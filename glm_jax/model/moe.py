@@ -2,7 +2,7 @@
 (sort token copies by expert, grouped matmuls, un-sort, weighted sum) and ungated shared experts.
 
 Under expert parallelism (`_moe_sharded`) each device runs its local copies through a static
-buffer of `ep_capacity` rows (about `EP_CAPACITY_FACTOR` x the balanced share) rather than
+buffer of `ep_capacity` rows (`ModelConfig.ep_capacity_factor` x the balanced share) rather than
 through all T*k copies; copies past the buffer go through further passes of the same size
 (skipped by `lax.cond` when empty, recomputed in the backward), so nothing is ever dropped.
 """
@@ -22,11 +22,9 @@ import kernels
 from glm_jax.config import ModelConfig
 from glm_jax.model.layers import MLP, normal_param
 
-# Expert parallelism: each device's dispatch buffer holds ceil(EP_CAPACITY_FACTOR * T*k /
+# Expert parallelism: each device's dispatch buffer holds ceil(cfg.ep_capacity_factor * T*k /
 # n_expert) sorted local copies (rounded up to a multiple of _CAPACITY_MULTIPLE), T*k being the
-# token copies the device routes. 2.0 absorbs ordinary imbalance in one pass; skewed routing
-# costs extra passes, never dropped tokens. `_moe_sharded(..., capacity_factor=)` overrides it.
-EP_CAPACITY_FACTOR = 2.0
+# token copies the device routes. Skewed routing costs extra passes, never dropped tokens.
 _CAPACITY_MULTIPLE = 8
 
 
@@ -116,7 +114,7 @@ def _sort_local(expert_ids, weights, first_expert, num_local):
     return perm, jnp.where(here, weights, 0.0)
 
 
-def ep_capacity(num_copies: int, n_expert: int, capacity_factor: float = EP_CAPACITY_FACTOR) -> int:
+def ep_capacity(num_copies: int, n_expert: int, capacity_factor: float) -> int:
     """Rows of one dispatch pass: ceil(capacity_factor * num_copies / n_expert), rounded up to a
     multiple of 8, at most num_copies (then one pass holds every copy)."""
     if capacity_factor <= 0:
@@ -219,17 +217,14 @@ def _moe_local(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg):
     return out.reshape(b, s, h).astype(x_bsh.dtype), MoeStats(counts, aux, ids)
 
 
-def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh,
-                 capacity_factor=None):
+def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh):
     """Expert parallelism with shard_map: each device holds E / n_expert experts (and a 1 /
     n_tensor slice of their width). Tokens, split over the data axes, are all-gathered along
     `expert`, each device runs the copies routed to its own experts through a buffer of
     `ep_capacity` rows (`routed_experts_buffered`: further passes for any overflow, so
     dropless), and a reduce-scatter along `expert` (plus a sum over `tensor`), in the compute
     dtype when that is 16-bit, returns every token's combined output to its owner. Expert loads
-    are summed over the mesh. `capacity_factor`: default `EP_CAPACITY_FACTOR`."""
-    if capacity_factor is None:
-        capacity_factor = EP_CAPACITY_FACTOR
+    are summed over the mesh. The buffer holds `cfg.ep_capacity_factor` x the balanced share."""
     n_expert, n_tensor = mesh.shape.get("expert", 1), mesh.shape.get("tensor", 1)
     data_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
     batch_axes = data_axes + (("expert",) if n_expert > 1 else ())
@@ -250,7 +245,7 @@ def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh,
                 replay = jax.lax.all_gather(replay, expert_axis, axis=0, tiled=True)
         bl = x.shape[0]
         first = jax.lax.axis_index(expert_axis) * gate.shape[0] if expert_axis else 0
-        capacity = ep_capacity(bl * s * cfg.num_experts_per_tok, n_expert, capacity_factor)
+        capacity = ep_capacity(bl * s * cfg.num_experts_per_tok, n_expert, cfg.ep_capacity_factor)
         out, logits, ids, counts = routed_experts_buffered(
             x.reshape(bl * s, h), router, bias, gate, up, down, cfg, first,
             None if replay is None else replay.reshape(bl * s, -1), capacity=capacity)
