@@ -38,4 +38,5 @@ def get_config(algorithm: str = "grpo"):
         config.rl.max_new_tokens = config.eval.max_new_tokens = 96
     config.eval.every = 40
     config.eval.problems = 60
+    config.eval.samples = 4  # eval_reward_sampled: avg@4 at the rollout temperature
     return config

@@ -1,9 +1,9 @@
 """The GRPO loop end to end on a small SFT'd policy: a stopped and restarted run logs exactly
 what the uninterrupted run logs (policy, optimizer, prompt position, rng, the dynamic
 temperature and the curriculum stage all restored), the step compiles once per run and
-generation not at all after the first run, and the workdir holds eval_reward rows, the
-temperature table, the curriculum's stage rows and cached pass counts, the per-step metrics and
-the reward curve."""
+generation not at all after the first run, and the workdir holds eval_reward rows (greedy and
+sampled), the temperature table, the curriculum's stage rows and cached pass counts, the
+per-step metrics and the reward curve."""
 
 import json
 
@@ -62,7 +62,7 @@ def _config(policy_dir, prompts, workdir, steps):
     rl.max_new_tokens, rl.overlong_cache, rl.rollout_batch_size = 16, 4, 8
     rl.reward_workers = 0  # in process: the test's reward is registered here only
     config.eval.task, config.eval.problems, config.eval.every = prompts, 3, 2
-    config.eval.max_new_tokens, config.eval.batch_size = 16, 4
+    config.eval.max_new_tokens, config.eval.batch_size, config.eval.samples = 16, 4, 2
     rl.dynamic_temperature.every, rl.dynamic_temperature.samples = 2, 2
     rl.dynamic_temperature.temperatures, rl.dynamic_temperature.tolerance = "0.5,2.5", 0.0
     # stage 2 from step 2 on a plateau that always holds (a rise of less than 1.1 over 1 step):
@@ -98,6 +98,9 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(policy_dir, odd_length
     evals = [r for r in expected if "eval_reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["step"] for r in evals] == [0, 2, 4]
+    # two completions per problem at the rollout temperature: a mean of six 0/1 rewards
+    assert all(r["eval_reward_sampled"] * 6 == pytest.approx(round(r["eval_reward_sampled"] * 6))
+               for r in evals)
     tuned = [r for r in expected if "rollout_temperature" in r and "reward_mean" not in r]
     assert [r["step"] for r in tuned] == [2, 4]
     for row in tuned:  # the table, and the pick the rule makes from it

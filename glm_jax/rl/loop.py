@@ -5,7 +5,9 @@ KV-cache engine reads the training state's arrays directly: one device holds one
 weights), score them, shape overlong answers, drop all-equal groups and refill (dynamic
 sampling), compute group advantages, and take `updates_per_batch` jitted updates. Held-out
 `eval_reward` (greedy, the evaluation harness) is logged at the start, every `eval.every` steps
-and at the end, with a reward-curve PNG beside metrics.jsonl and TensorBoard.
+and at the end, with a reward-curve PNG beside metrics.jsonl and TensorBoard; with
+`eval.samples` = n > 0 also `eval_reward_sampled`, the mean reward of n completions per problem
+at the rollout temperature (the policy as RL samples and optimises it: avg@n).
 
 A run is a function of its config: step `s` samples with seeds derived from (seed, s, round)
 and draws prompts from a seeded stream whose position is checkpointed with the policy and the
@@ -31,6 +33,7 @@ only; the held-out score always plays them so.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -141,7 +144,7 @@ def grpo_base_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
         enabled=False, pool=256, samples=8, low=0.0, high=1.0, switch_step=0, plateau_window=0,
         plateau_delta=0.01, zero_at=8, nonzero_at=64))
     config.eval = ml_collections.ConfigDict(dict(
-        every=10, task="builtin", problems=60, max_new_tokens=64, batch_size=64))
+        every=10, task="builtin", problems=60, max_new_tokens=64, batch_size=64, samples=0))
     return config
 
 
@@ -205,7 +208,7 @@ def validate_grpo(config) -> None:
     if rows % config.micro_batches:
         raise ConfigError(f"config.micro_batches: {config.micro_batches} does not divide the "
                           f"{rows} rows of a step (rl.group_size x rl.groups_per_step)")
-    for field in ("every",):
+    for field in ("every", "samples"):
         config_lib.check_int(config, f"eval.{field}", 0)
     for field in ("problems", "max_new_tokens", "batch_size"):
         config_lib.check_int(config, f"eval.{field}", 1)
@@ -469,11 +472,17 @@ def grpo(config) -> list[dict]:
 
     def run_eval(step):
         tick = time.perf_counter()
+        held_out = functools.partial(
+            evaluate_tasks, tokenizer=tokenizer, problems=heldout, pool=pool,
+            thinking=rl.thinking, max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size, seed=config.seed, max_turns=rl.max_turns)
         with jax.set_mesh(mesh):
-            row = evaluate_tasks(policy(), tokenizer, heldout, pool, temperature=0.0,
-                                 thinking=rl.thinking, max_new_tokens=config.eval.max_new_tokens,
-                                 batch_size=config.eval.batch_size, seed=config.seed,
-                                 max_turns=rl.max_turns)
+            row = held_out(policy(), temperature=0.0)
+            if config.eval.samples:
+                sampled = held_out(policy(), n=config.eval.samples, temperature=temperature,
+                                   prefix="eval_sampled_")
+                row["eval_reward_sampled"] = sampled.pop("eval_sampled_accuracy")
+                row.update(sampled)
         row["eval_reward"] = row.pop("eval_accuracy")
         row["eval_seconds"] = time.perf_counter() - tick
         history["eval_rewards"].append(row["eval_reward"])

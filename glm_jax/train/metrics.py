@@ -146,9 +146,11 @@ def write_load_heatmap(load: np.ndarray, path: Path, step: int) -> None:
 
 
 def write_reward_curve(rows: list[dict], path: Path) -> None:
-    """Held-out `eval_reward` and the rollouts' `reward_mean` against the step."""
+    """Held-out `eval_reward` (and `eval_reward_sampled` when logged) and the rollouts'
+    `reward_mean` against the step."""
     fig, ax = _figure()
-    _plot(ax, rows, {"reward_mean": dict(alpha=0.5, lw=1), "eval_reward": dict(marker="o")})
+    _plot(ax, rows, {"reward_mean": dict(alpha=0.5, lw=1), "eval_reward": dict(marker="o"),
+                     "eval_reward_sampled": dict(marker="s")})
     ax.set(xlabel="step", ylabel="reward", title="GRPO reward")
     ax.legend()
     _save_figure(fig, path)
