@@ -82,7 +82,13 @@ def _step_temp_bytes(config, model_cfg, mesh, rows_per_device: int) -> int:
              for k in ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")}
     step = make_train_step(graphdef, optimizer, step_config(config), schedule)
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, batch).compile()
+        try:
+            compiled = step.lower(state, batch).compile()
+        except jax.errors.JaxRuntimeError as e:  # a TPU compile that does not fit the chip
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise InputError(f"the train step does not fit one device: "
+                             f"{str(e).splitlines()[0]}") from e
     return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -136,6 +136,27 @@ def test_bfloat16_policy_close_to_float32(model):
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05, rtol=0.05)
 
 
+def test_experts_cast_before_the_scan_change_no_number(model, monkeypatch):
+    """In 16-bit compute the stacked expert weights enter the layer scan already cast, so its
+    backward stacks 16-bit gradients: the loss and every gradient are bitwise those of casting
+    inside each layer, and the scan's stacked expert inputs really are bfloat16."""
+    from glm_jax.model import transformer
+
+    bf16 = _with_config(model, dtype="bfloat16")
+    ids = _ids(9, (2, 12))
+    loss, grads = nnx.jit(nnx.value_and_grad(_loss))(bf16, ids)
+    graphdef, state = nnx.split(bf16)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids))(state)
+    scan = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"
+                and any(v.aval.ndim == 4 for v in e.invars))  # the MoE layers' scan
+    stacked = [v.aval.dtype for v in scan.invars if v.aval.ndim == 4]  # [L, E, H, F] experts
+    assert stacked and all(d == jnp.bfloat16 for d in stacked), stacked
+    monkeypatch.setattr(transformer, "_experts_in_compute_dtype", lambda state, dtype: state)
+    ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(_loss))(bf16, ids)
+    assert loss == ref_loss
+    chex.assert_trees_all_equal(nnx.state(grads), nnx.state(ref_grads))
+
+
 def test_sequence_aux_loss_matches_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 6, 8)).astype(np.float32)

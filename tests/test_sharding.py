@@ -2,6 +2,7 @@
 expert loads; expert weights are split, never all-gathered; checkpoints load into shardings."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -173,6 +174,13 @@ def test_plan_compiles_for_a_tpu_topology_on_this_host():
     plan = json.loads(result.stdout.strip().splitlines()[-1])
     assert plan["compiled_for"] == "TPU v5p:2x2x1" and plan["devices"] == 4
     assert plan["mesh"]["expert"] == 4 and plan["activations_GiB"] > 0
+    small_chip = subprocess.run(  # told the chips have 1 MiB of HBM, the compiler says so
+        [sys.executable, "-m", "experiments", "plan", "--config=configs/pretrain_tiny.py",
+         "--topology=v5p:2x2x1", '--mesh={"expert": 4}'], capture_output=True, text=True,
+        timeout=600, env={**os.environ, "LIBTPU_INIT_ARGS": "--xla_tpu_max_hbm_size_mib=1"})
+    assert small_chip.returncode == 2
+    assert "error: the train step does not fit one device: RESOURCE_EXHAUSTED" in (
+        small_chip.stderr)
 
 
 def test_mesh_that_does_not_divide_a_parameter_names_it():

@@ -77,14 +77,31 @@ def rematerialised(fn, remat: str):
     return jax.checkpoint(fn, policy=_REMAT[remat], prevent_cse=False)
 
 
+def _experts_in_compute_dtype(state, dtype):
+    """The stacked routed-expert weights cast to the 16-bit compute dtype before the scan, as the
+    MoE block casts them anyway. The scan then slices 16-bit weights, and its backward stacks
+    16-bit per-layer gradients (of 16-bit matmuls: no digit is lost) instead of float32 ones,
+    which halves its largest buffers; the compilers kept such a cast copy of every layer anyway
+    (TPU: hoisted out of the loop)."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return state
+
+    def cast(path, x):
+        is_expert = any(getattr(key, "key", None) == "experts" for key in path)
+        return x.astype(dtype) if is_expert and x.dtype == jnp.float32 else x
+
+    return jax.tree_util.tree_map_with_path(cast, state)
+
+
 def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=None,
-                unroll: bool = False, segment_ids=None):
+                unroll: bool = False, segment_ids=None, compute_dtype=jnp.float32):
     """Runs stacked layers with lax.scan -> (x, per-layer stats, per-layer (k, v) or None),
     stacked on axis 0. `cache` = (k [L, B, T, K, D], v, index) for cached decoding;
     `replay_ids` [L, B, S, k] the experts each MoE layer must use (routing replay); `unroll`
     lays the layers out as straight-line code (ModelConfig.unroll_layers); `segment_ids` [B, S]
-    those the mask was built from (see Attention)."""
+    those the mask was built from (see Attention); `compute_dtype` the dtype of the matmuls."""
     graphdef, state = nnx.split(layers)
+    state = _experts_in_compute_dtype(state, compute_dtype)
 
     def body(carry, xs):
         layer_state, kv, replay = xs
@@ -198,7 +215,8 @@ class GlmMoeModel(nnx.Module):
                                              layer_cache,
                                              replay_ids if name == "moe_layers" else None,
                                              unroll=self.config.unroll_layers,
-                                             segment_ids=segment_ids)
+                                             segment_ids=segment_ids,
+                                             compute_dtype=self.config.jnp_dtype)
             if name == "moe_layers":
                 stats = layer_stats
             if kv is not None:
