@@ -86,11 +86,15 @@ def _experts_in_compute_dtype(state, dtype):
     if jnp.dtype(dtype).itemsize >= 4:
         return state
 
-    def cast(path, x):
-        is_expert = any(getattr(key, "key", None) == "experts" for key in path)
-        return x.astype(dtype) if is_expert and x.dtype == jnp.float32 else x
+    def cast(path, variable):
+        value = variable.get_value()  # an FP8 block-quantised matrix (and its scales) stays
+        if (any(getattr(key, "key", None) == "experts" for key in path)
+                and isinstance(value, jax.Array) and value.dtype == jnp.float32):
+            return variable.replace(value.astype(dtype))
+        return variable
 
-    return jax.tree_util.tree_map_with_path(cast, state)
+    return jax.tree_util.tree_map_with_path(cast, state,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=None,
