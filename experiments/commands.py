@@ -357,8 +357,10 @@ def _read_tools(path: str) -> list:
 
 
 def plan(flags) -> None:
-    """Per-device memory of --config's training with --mesh sizes: on --devices virtual CPUs, or
-    compiled by libtpu for the chips of a TPU --topology (its count replaces --devices)."""
+    """Per-device memory of --config's training on a --mesh of virtual CPUs or TPU chips.
+
+    --devices virtual CPUs, or the chips of a TPU --topology compiled for by libtpu (their
+    count replaces --devices)."""
     import os
 
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
