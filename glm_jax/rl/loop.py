@@ -470,16 +470,19 @@ def grpo(config) -> list[dict]:
         """The rollouts' model: the policy, or (fp8_rollouts) it re-quantised to FP8 now."""
         return quantize_model(policy()) if rl.fp8_rollouts else policy()
 
+    # The held-out scores (greedy, sampled, per candidate temperature): same problems and budget.
+    held_out = functools.partial(
+        evaluate_tasks, tokenizer=tokenizer, problems=heldout, pool=pool, thinking=rl.thinking,
+        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+        seed=config.seed, max_turns=rl.max_turns)
+
     def run_eval(step):
         tick = time.perf_counter()
-        held_out = functools.partial(
-            evaluate_tasks, tokenizer=tokenizer, problems=heldout, pool=pool,
-            thinking=rl.thinking, max_new_tokens=config.eval.max_new_tokens,
-            batch_size=config.eval.batch_size, seed=config.seed, max_turns=rl.max_turns)
         with jax.set_mesh(mesh):
-            row = held_out(policy(), temperature=0.0)
+            model = policy()
+            row = held_out(model, temperature=0.0)
             if config.eval.samples:
-                sampled = held_out(policy(), n=config.eval.samples, temperature=temperature,
+                sampled = held_out(model, n=config.eval.samples, temperature=temperature,
                                    prefix="eval_sampled_")
                 row["eval_reward_sampled"] = sampled.pop("eval_sampled_accuracy")
                 row.update(sampled)
@@ -498,12 +501,8 @@ def grpo(config) -> list[dict]:
         dynamic = rl.dynamic_temperature
         with jax.set_mesh(mesh):
             for t in temperatures(config):
-                scores = evaluate_tasks(policy(), tokenizer, heldout, pool, n=dynamic.samples,
-                                        temperature=t, thinking=rl.thinking,
-                                        max_new_tokens=config.eval.max_new_tokens,
-                                        batch_size=config.eval.batch_size,
-                                        seed=config.seed * 1_000_003 + step,
-                                        max_turns=rl.max_turns, prefix="")
+                scores = held_out(policy(), n=dynamic.samples, temperature=t,
+                                  seed=config.seed * 1_000_003 + step, prefix="")
                 table[t] = scores["accuracy"]
         picked = pick_temperature(table, tolerance=dynamic.tolerance)
         row = {f"temperature_score_T{t:g}": s for t, s in table.items()}
