@@ -5,8 +5,9 @@ Rows of ``lhs`` are grouped contiguously by ``group_sizes``: rows
 past ``sum(group_sizes)`` belong to no group. Group sizes must be >= 0.
 
 Both functions walk, in one ``lax.scan``, every (row tile, group) pair that
-overlaps -- at most ``ceil(M / tm) + G - 1`` of them (the megablox schedule).
-Work is O(M·K·N + G·tm·K·N) and temporaries are one row tile plus the output.
+overlaps -- at most ``ceil(M / tm) + G - 1`` of them (the megablox schedule),
+``visits_per_step`` of them per step as one batched matmul. Work is
+O(M·K·N + G·tm·K·N) and temporaries are one step's tiles plus the output.
 This avoids both the [M, K, N] per-row weight gather and the [G, M, K] masked
 copy of ``lhs`` that ``jax.lax.ragged_dot`` expands to on CPU (and on GPU when
 XLA has no native kernel), which would not fit at MoE sizes.
@@ -23,6 +24,9 @@ from jax.typing import DTypeLike
 Array = jax.Array
 
 TILE_M = 128
+# Visits per scan step, run as one batched matmul: on a 2-core CPU a lone 128-row matmul
+# reaches ~60 GF/s and a batch of them ~100+ (experiments/benchmarks/RESULTS.md).
+VISITS_PER_STEP = 8
 _PRECISION = lax.Precision.HIGHEST  # a reference: no TF32 / bf16-pass shortcuts
 
 
@@ -31,7 +35,6 @@ class _Schedule(NamedTuple):
 
     group: Array  # [P] int32, group of each visit
     tile: Array  # [P] int32, row tile of each visit
-    first: Array  # [P] bool, first visit of its group
     valid: Array  # [P] bool, False for padding visits past the real ones
     starts: Array  # [G] int32, first row of each group
     ends: Array  # [G] int32, one past the last row of each group (<= M)
@@ -72,19 +75,30 @@ def schedule(group_sizes: Array, m: int, tm: int) -> _Schedule:
     group = group.astype(jnp.int32)
     group_first_visit = cum[group] - counts[group]
     tile = jnp.clip(first_tile[group] + j - group_first_visit, 0, num_tiles - 1)
-    return _Schedule(group, tile, i == group_first_visit, i < total, starts, ends)
+    return _Schedule(group, tile, i < total, starts, ends)
 
 
-def _row_mask(s: _Schedule, group: Array, row0: Array, valid: Array, tm: int) -> Array:
-    rows = row0 + jnp.arange(tm, dtype=jnp.int32)  # [tm]
-    return valid & (rows >= s.starts[group]) & (rows < s.ends[group])
+def _row_mask(s: _Schedule, group: Array, tile: Array, valid: Array, tm: int) -> Array:
+    """[V, tm] bool: which rows of each visited tile belong to the visit's group."""
+    rows = tile[:, None] * tm + jnp.arange(tm, dtype=jnp.int32)  # [V, tm]
+    return valid[:, None] & (rows >= s.starts[group][:, None]) & (rows < s.ends[group][:, None])
 
 
 def _pad_rows(x: Array, rows: int) -> Array:
     return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
-@partial(jax.jit, static_argnames=("preferred_element_type", "transpose_rhs", "tile_m"))
+def _steps(s: _Schedule, visits_per_step: int) -> tuple[Array, Array, Array]:
+    """The schedule's (group, tile, valid) in [steps, visits_per_step] chunks (padding visits
+    invalid), so each scan step runs several tiles as one batched matmul."""
+    v = min(visits_per_step, s.group.shape[0])
+    pad = -s.group.shape[0] % v
+    group, tile = (jnp.pad(a, (0, pad), mode="edge").reshape(-1, v) for a in (s.group, s.tile))
+    return group, tile, jnp.pad(s.valid, (0, pad)).reshape(-1, v)
+
+
+@partial(jax.jit, static_argnames=("preferred_element_type", "transpose_rhs", "tile_m",
+                                   "visits_per_step"))
 def gmm(
     lhs: Array,
     rhs: Array,
@@ -93,6 +107,7 @@ def gmm(
     preferred_element_type: DTypeLike | None = None,
     transpose_rhs: bool = False,
     tile_m: int = TILE_M,
+    visits_per_step: int = VISITS_PER_STEP,
 ) -> Array:
     """out[r] = lhs[r] @ rhs[group(r)]; zero for rows past sum(group_sizes).
 
@@ -101,32 +116,29 @@ def gmm(
     [G] -> [M, N] in ``preferred_element_type`` (default lhs.dtype), with
     float32 accumulation.
     """
-    m = lhs.shape[0]
+    m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     tm = _tile_rows(m, tile_m)
     s = schedule(group_sizes, m, tm)
-    lhs_p = _pad_rows(lhs, (-(-m // tm)) * tm)  # [Mp, K]
+    tiles = _pad_rows(lhs, (-(-m // tm)) * tm).reshape(-1, tm, k)  # [Mp / tm, tm, K]
 
-    def step(out: Array, visit: tuple[Array, Array, Array]) -> tuple[Array, None]:
-        group, tile, valid = visit
-        row0 = tile * tm
-        x = lax.dynamic_slice_in_dim(lhs_p, row0, tm)  # [tm, K]
-        w = lax.dynamic_index_in_dim(rhs, group, keepdims=False)  # [K, N] or [N, K]
-        w = w.T if transpose_rhs else w
-        y = jnp.dot(x, w, precision=_PRECISION, preferred_element_type=jnp.float32)  # [tm, N]
-        mask = _row_mask(s, group, row0, valid, tm)  # [tm]
-        cur = lax.dynamic_slice_in_dim(out, row0, tm)  # [tm, N]
-        # Each row is written by exactly one visit (its group's), so select, not add.
-        new = jnp.where(mask[:, None], y.astype(out_dtype), cur)
-        return lax.dynamic_update_slice_in_dim(out, new, row0, axis=0), None
+    def step(out: Array, visits: tuple[Array, Array, Array]) -> tuple[Array, None]:
+        group, tile, valid = visits  # [V] each
+        spec = "vmk,vnk->vmn" if transpose_rhs else "vmk,vkn->vmn"
+        y = jnp.einsum(spec, tiles[tile], rhs[group], precision=_PRECISION,
+                       preferred_element_type=jnp.float32)  # [V, tm, N]
+        y = jnp.where(_row_mask(s, group, tile, valid, tm)[..., None], y, 0).astype(out_dtype)
+        # Each row belongs to exactly one visit (its group's); the others add zeros.
+        return out.at[tile].add(y), None
 
-    out = jnp.zeros((lhs_p.shape[0], n), out_dtype)  # [Mp, N]
-    out, _ = lax.scan(step, out, (s.group, s.tile, s.valid))
-    return out[:m]
+    out = jnp.zeros((tiles.shape[0], tm, n), out_dtype)
+    out, _ = lax.scan(step, out, _steps(s, visits_per_step))
+    return out.reshape(-1, n)[:m]
 
 
-@partial(jax.jit, static_argnames=("num_groups", "preferred_element_type", "tile_m"))
+@partial(jax.jit, static_argnames=("num_groups", "preferred_element_type", "tile_m",
+                                   "visits_per_step"))
 def tgmm(
     lhs: Array,
     dy: Array,
@@ -135,15 +147,14 @@ def tgmm(
     *,
     preferred_element_type: DTypeLike | None = None,
     tile_m: int = TILE_M,
+    visits_per_step: int = VISITS_PER_STEP,
 ) -> Array:
     """out[g] = lhs_gᵀ @ dy_g over the rows of group g (zero for empty groups).
 
     lhs [M, K], dy [M, N], group_sizes [G] -> [G, K, N] in
     ``preferred_element_type`` (default lhs.dtype). This is d(rhs) of ``gmm``.
     ``num_groups`` (static) defaults to, and must equal, ``len(group_sizes)``.
-    Accumulates each group in one float32 [K, N] carry: visits are ordered by
-    group, so the carry restarts at a group's first visit and is rewritten
-    into the output after every visit (the last write holds the full sum).
+    Accumulates in a float32 [G, K, N]: each visit adds its tile's part to its group.
     """
     check_num_groups(num_groups, group_sizes)
     m, k = lhs.shape
@@ -153,24 +164,16 @@ def tgmm(
     tm = _tile_rows(m, tile_m)
     s = schedule(group_sizes, m, tm)
     rows_p = (-(-m // tm)) * tm
-    lhs_p, dy_p = _pad_rows(lhs, rows_p), _pad_rows(dy, rows_p)  # [Mp, K], [Mp, N]
+    lhs_tiles = _pad_rows(lhs, rows_p).reshape(-1, tm, k)  # [Mp / tm, tm, K]
+    dy_tiles = _pad_rows(dy, rows_p).reshape(-1, tm, n)  # [Mp / tm, tm, N]
 
-    def step(
-        carry: tuple[Array, Array], visit: tuple[Array, Array, Array, Array]
-    ) -> tuple[tuple[Array, Array], None]:
-        out, acc = carry
-        group, tile, first, valid = visit
-        row0 = tile * tm
-        mask = _row_mask(s, group, row0, valid, tm)  # [tm]
-        x = jnp.where(mask[:, None], lax.dynamic_slice_in_dim(lhs_p, row0, tm), 0)  # [tm, K]
-        d = lax.dynamic_slice_in_dim(dy_p, row0, tm)  # [tm, N]
-        part = jnp.einsum(
-            "mk,mn->kn", x, d, precision=_PRECISION, preferred_element_type=jnp.float32
-        )  # [K, N]
-        acc = jnp.where(first, part, acc + part)
-        out = lax.dynamic_update_index_in_dim(out, acc.astype(out_dtype), group, axis=0)
-        return (out, acc), None
+    def step(acc: Array, visits: tuple[Array, Array, Array]) -> tuple[Array, None]:
+        group, tile, valid = visits  # [V] each
+        mask = _row_mask(s, group, tile, valid, tm)[..., None]  # [V, tm, 1]
+        part = jnp.einsum("vmk,vmn->vkn", lhs_tiles[tile], jnp.where(mask, dy_tiles[tile], 0),
+                          precision=_PRECISION, preferred_element_type=jnp.float32)  # [V, K, N]
+        return acc.at[group].add(part), None
 
-    init = (jnp.zeros((num_groups, k, n), out_dtype), jnp.zeros((k, n), jnp.float32))
-    (out, _), _ = lax.scan(step, init, (s.group, s.tile, s.first, s.valid))
-    return out
+    acc = jnp.zeros((num_groups, k, n), jnp.float32)
+    acc, _ = lax.scan(step, acc, _steps(s, visits_per_step))
+    return acc.astype(out_dtype)
