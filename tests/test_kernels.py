@@ -96,12 +96,16 @@ def test_gmm_bfloat16_output_dtype_and_values(rng):
     np.testing.assert_allclose(y32, expected, rtol=1e-5, atol=1e-4)  # f32 accumulation
 
 
-def test_reference_schedules_over_random_group_sizes(rng):
+@pytest.mark.parametrize("visits_per_step", [1, 3, 8])
+def test_reference_schedules_over_random_group_sizes(rng, visits_per_step):
     """Small row tiles + random sizes exercise tiles shared by several groups,
-    groups spanning many tiles, empty groups and partial tails."""
+    groups spanning many tiles, empty groups and partial tails. The schedule has 8 + 7 - 1 = 14
+    visits, so 3 or 8 per step leave the last step partly padding."""
     m, k, n, g, tile_m = 61, 5, 4, 7, 8
-    fwd = jax.jit(lambda x, w, gs: gmm_ref.gmm(x, w, gs, tile_m=tile_m))
-    bwd = jax.jit(lambda x, dy, gs: gmm_ref.tgmm(x, dy, gs, g, tile_m=tile_m))
+    fwd = jax.jit(lambda x, w, gs: gmm_ref.gmm(x, w, gs, tile_m=tile_m,
+                                               visits_per_step=visits_per_step))
+    bwd = jax.jit(lambda x, dy, gs: gmm_ref.tgmm(x, dy, gs, g, tile_m=tile_m,
+                                                 visits_per_step=visits_per_step))
     x, w, dy = _normal(rng, (m, k)), _normal(rng, (g, k, n)), _normal(rng, (m, n))
     for _ in range(25):
         total = rng.integers(0, m + 1)
