@@ -206,13 +206,16 @@ def grouped_attention(q, k, v, mask):
     float32, as transformers' eager path does; a fully masked row averages v uniformly."""
     b, s, n, d = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, s, kv_heads, n // kv_heads, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    # Heads first, so both products are plain batched matmuls over (B, K): on XLA:CPU this is
+    # 1.2-1.8x faster, forward + backward, than contracting the [B, S, K, G, D] layout.
+    q = q.reshape(b, s, kv_heads, n // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, D]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
+    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(b, s, n, d)
+    out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)  # [B, K, G, S, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
 
 
 def blockwise_attention(q, k, v, mask, *, block_size: int = 256):
