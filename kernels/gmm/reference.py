@@ -26,7 +26,7 @@ Array = jax.Array
 TILE_M = 128
 # Visits per scan step, run as one batched matmul: on a 2-core CPU a lone 128-row matmul
 # reaches ~60 GF/s and a batch of them ~100+ (experiments/benchmarks/RESULTS.md).
-VISITS_PER_STEP = 8
+VISITS_PER_STEP = 4
 _PRECISION = lax.Precision.HIGHEST  # a reference: no TF32 / bf16-pass shortcuts
 
 
