@@ -84,8 +84,9 @@ def _row_mask(s: _Schedule, group: Array, tile: Array, valid: Array, tm: int) ->
     return valid[:, None] & (rows >= s.starts[group][:, None]) & (rows < s.ends[group][:, None])
 
 
-def _pad_rows(x: Array, rows: int) -> Array:
-    return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+def _tiles(x: Array, tm: int) -> Array:
+    """x [M, C] zero-padded to whole row tiles -> [ceil(M / tm), tm, C]."""
+    return jnp.pad(x, ((0, -x.shape[0] % tm), (0, 0))).reshape(-1, tm, x.shape[1])
 
 
 def _steps(s: _Schedule, visits_per_step: int) -> tuple[Array, Array, Array]:
@@ -116,12 +117,12 @@ def gmm(
     [G] -> [M, N] in ``preferred_element_type`` (default lhs.dtype), with
     float32 accumulation.
     """
-    m, k = lhs.shape
+    m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     tm = _tile_rows(m, tile_m)
     s = schedule(group_sizes, m, tm)
-    tiles = _pad_rows(lhs, (-(-m // tm)) * tm).reshape(-1, tm, k)  # [Mp / tm, tm, K]
+    tiles = _tiles(lhs, tm)  # [Mp / tm, tm, K]
 
     def step(out: Array, visits: tuple[Array, Array, Array]) -> tuple[Array, None]:
         group, tile, valid = visits  # [V] each
@@ -163,9 +164,7 @@ def tgmm(
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     tm = _tile_rows(m, tile_m)
     s = schedule(group_sizes, m, tm)
-    rows_p = (-(-m // tm)) * tm
-    lhs_tiles = _pad_rows(lhs, rows_p).reshape(-1, tm, k)  # [Mp / tm, tm, K]
-    dy_tiles = _pad_rows(dy, rows_p).reshape(-1, tm, n)  # [Mp / tm, tm, N]
+    lhs_tiles, dy_tiles = _tiles(lhs, tm), _tiles(dy, tm)  # [Mp / tm, tm, K], [.., N]
 
     def step(acc: Array, visits: tuple[Array, Array, Array]) -> tuple[Array, None]:
         group, tile, valid = visits  # [V] each
