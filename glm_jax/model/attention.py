@@ -206,8 +206,8 @@ def grouped_attention(q, k, v, mask):
     float32, as transformers' eager path does; a fully masked row averages v uniformly."""
     b, s, n, d = q.shape
     kv_heads = k.shape[2]
-    # Heads first, so both products are plain batched matmuls over (B, K): on XLA:CPU this is
-    # 1.2-1.8x faster, forward + backward, than contracting the [B, S, K, G, D] layout.
+    # Heads first, so both products are plain batched matmuls over (B, K): on XLA:CPU 1.6x
+    # faster forward, 1.2x forward + backward, than contracting the [B, S, K, G, D] layout.
     q = q.reshape(b, s, kv_heads, n // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
