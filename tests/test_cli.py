@@ -70,6 +70,8 @@ def _fails(args, message, stdin=""):
     (["bench", "--what=nope"], "--what must be one of"),
     (["sft", "--config=configs/sft_tiny.py", "--config.sft.nothink_fraction=2.0"],
      "config.sft.nothink_fraction: must be in [0, 1]"),
+    (["sft", "--config=configs/sft_tiny.py", "--config.sft.flawed_fraction=1.5"],
+     "config.sft.flawed_fraction: must be in [0, 1]"),
     (["sft", "--config=configs/sft_tiny.py", "--config.sft.data=nosuch.jsonl"],
      "config.sft.data: 'nosuch.jsonl' is neither 'builtin' nor a file"),
     (["sft", "--config=configs/sft_tiny.py", "--config.sft.kinds=add,chess"],

@@ -160,6 +160,36 @@ def test_worked_answers_earn_their_reward_and_wrong_ones_do_not(kind):
         assert reward(wrong, problem.reference) == 0.0, (problem.key, wrong)
 
 
+def test_a_careless_teachers_sorting_is_descending_and_earns_nothing():
+    for problem in tasks.problems("train", 12, kinds=("add", "sort")):
+        flawed = tasks.flawed(problem)
+        if problem.kind != "sort":
+            assert flawed == problem
+            continue
+        numbers = [int(n) for n in flawed.answer.split(", ")]
+        assert numbers == sorted(numbers, reverse=True) != sorted(numbers)
+        assert flawed.reasoning.startswith("From the largest: ")
+        assert flawed.reference == problem.reference and flawed.key == problem.key
+        text = render_text(tasks.conversation(flawed))
+        reply = text[text.rindex("<|assistant|>") + len("<|assistant|>"):] + "<|user|>"
+        assert get_reward(flawed.reward)(reply, flawed.reference) == 0.0, reply
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_sft_data_takes_the_configured_fraction_from_the_careless_teacher(fraction):
+    from glm_jax.train.sft import conversations, sft_base_config
+
+    config = sft_base_config()
+    config.sft.kinds, config.sft.train_problems = "sort", 400
+    config.sft.flawed_fraction = fraction
+    answers = [record["messages"][-1]["content"] for record in conversations(config)]
+    descending = np.mean([[int(n) for n in a.split(", ")] != sorted(int(n) for n in a.split(", "))
+                          for a in answers])
+    # lists with all numbers equal look sorted either way, so the fraction is slightly below
+    assert fraction - 0.07 <= descending <= fraction, descending
+    assert conversations(config) == conversations(config)  # the same draw every time
+
+
 def test_prompt_files_are_validated_with_file_and_line(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "1+1?", "reference": "2", "reward": "math"}) + "\n" +

@@ -76,6 +76,18 @@ def _sort(rng: random.Random, length: int) -> Problem:
                    reasoning=reasoning, answer=text, reward="exact_match", reference=text)
 
 
+def flawed(problem: Problem) -> Problem:
+    """The problem worked by a careless teacher, for SFT data with a systematic mistake that a
+    verifiable reward can remove: sorting comes out in descending order (the direction misread).
+    Other kinds have no modelled mistake and come back unchanged; the reference stays right."""
+    if problem.kind != "sort":
+        return problem
+    ordered = sorted(map(int, problem.reference.split(", ")), reverse=True)
+    return dataclasses.replace(
+        problem, reasoning="From the largest: " + ", then ".join(map(str, ordered)) + ".",
+        answer=", ".join(map(str, ordered)))
+
+
 def _calculator(rng: random.Random) -> Problem:
     a, b = rng.randrange(10, 1000), rng.randrange(10, 100)
     expression = f"{a} * {b}"

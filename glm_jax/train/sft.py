@@ -15,6 +15,7 @@ at the end, by the evaluation harness the `eval` command and the RL loop use.
 from __future__ import annotations
 
 import importlib.util
+import random
 from pathlib import Path
 
 import grain
@@ -49,6 +50,7 @@ def sft_base_config():
         kinds=",".join(tasks.KINDS),  # built-in task kinds
         train_problems=20_000,
         nothink_fraction=0.25,  # conversations rendered in non-thinking mode
+        flawed_fraction=0.0,  # built-in problems worked by a careless teacher (tasks.flawed)
         on_bad_record="raise",  # or "skip"
         packing="best_fit",
     ))
@@ -81,9 +83,10 @@ def validate_sft(config) -> None:
     config_lib.check_int(config, "eval.max_new_tokens", 1)
     config_lib.check_int(config, "eval.batch_size", 1)
     config_lib.check_int(config, "eval.reward_workers", 0)
-    config_lib.check_float(config, "sft.nothink_fraction")
-    if config.sft.nothink_fraction > 1:
-        raise ConfigError("config.sft.nothink_fraction: must be in [0, 1]")
+    for field in ("nothink_fraction", "flawed_fraction"):
+        config_lib.check_float(config, f"sft.{field}")
+        if config.sft[field] > 1:
+            raise ConfigError(f"config.sft.{field}: must be in [0, 1]")
     if config.sft.packing not in ("concat_then_split", "best_fit"):
         raise ConfigError(f"config.sft.packing: 'concat_then_split' or 'best_fit', got "
                           f"{config.sft.packing!r}")
@@ -142,7 +145,9 @@ def conversations(config) -> list[dict]:
     if config.sft.data == "builtin":
         problems = tasks.problems("train", config.sft.train_problems, kinds=_kinds(config),
                                   seed=config.seed)
-        return [tasks.conversation(p) for p in problems]
+        careless = random.Random(f"{config.seed}:flawed")
+        flawed = [careless.random() < config.sft.flawed_fraction for _ in problems]
+        return [tasks.conversation(tasks.flawed(p) if f else p) for p, f in zip(problems, flawed)]
     return chat_data.load_conversations(config.sft.data, on_bad_record=config.sft.on_bad_record)
 
 
