@@ -1,8 +1,11 @@
-"""GRPO of the SFT'd `tiny` model on the built-in verifiable tasks: CPU, minutes.
+"""GRPO of the SFT'd `tiny` model on the built-in sorting task: CPU, minutes.
 
 `--config=configs/grpo_tiny.py` is GLM-4.5's GRPO; `:dapo` and `:dr_grpo` pick the other
-presets. The starting policy is the `sft_tiny` workdir; when it holds no checkpoint yet, the
-SFT config runs into it first.
+presets. The starting policy is the `sft_tiny_careless` workdir (SFT data in which half of the
+lists were sorted the wrong way); when it holds no checkpoint yet, that SFT config runs into it
+first. RL then has to find, from the reward alone, which of the two learnt behaviours is right:
+held-out 0.10 -> 0.60 in 240 steps (RESULTS.md). Addition is left out: the 3-layer model barely
+learns it (0.03-0.10 after SFT, and RL did not move it), so its groups are all zero-reward.
 
 Muon normalises every update, so in RL (a weak, noisy gradient) the learning rate sets the step
 size outright: at 2e-3 the policy collapsed within 20 steps (held-out 0.33 -> 0.0, every answer
@@ -16,15 +19,15 @@ from glm_jax.rl.loop import grpo_base_config
 def get_config(algorithm: str = "grpo"):
     config = grpo_base_config(algorithm)
     config.workdir = f"workdir/grpo_tiny_{algorithm}"
-    config.init = "workdir/sft_tiny"
-    config.init_sft_config = str(Path(__file__).with_name("sft_tiny.py"))
-    config.steps = 240  # held-out +0.03 to +0.12 by the SFT start, 3-7.5 minutes (RESULTS.md)
+    config.init = "workdir/sft_tiny_careless"
+    config.init_sft_config = str(Path(__file__).with_name("sft_tiny_careless.py"))
+    config.steps = 240
     config.schedule_steps = 240
     config.warmup_steps = 5
     config.peak_learning_rate = 3e-4
     config.floor_learning_rate = 3e-5
     config.seq_len = 128
-    config.rl.kinds = "add,sort"  # the calculator calls are already right after SFT
+    config.rl.kinds = "sort"
     config.checkpoint_every = 40
     config.rl.group_size = 8
     config.rl.groups_per_step = 8
