@@ -227,23 +227,28 @@ def blockwise_attention(q, k, v, mask, *, block_size: int = 256):
     keys finfo.min), so even a fully masked row averages only the real keys, as the reference."""
     b, s, n, d = q.shape
     t, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
     nq, nk = -(-s // block_size), -(-t // block_size)
     bq, bk = -(-s // nq), -(-t // nk)  # even blocks of at most block_size: little padding
-    q = _pad_axis(q.reshape(b, s, kv_heads, n // kv_heads, d), 1, nq * bq)
-    k_blocks = _blocks(_pad_axis(k, 1, nk * bk), 1, nk)  # [nk, B, bk, K, D]
-    v_blocks = _blocks(_pad_axis(v, 1, nk * bk), 1, nk)
+    # Heads first, laid out once before the loops, so every tile's two products are plain
+    # batched matmuls over (B, K): on XLA:CPU 1.4-2x faster forward, 1.2-1.4x forward + backward
+    # (RESULTS.md), than contracting the [B, S, K, G, D] layout inside the loops.
+    q_blocks = _pad_axis(q.reshape(b, s, kv_heads, g, d), 1, nq * bq).reshape(
+        b, nq, bq, kv_heads, g, d).transpose(1, 0, 3, 4, 2, 5)  # [nq, B, K, G, bq, D]
+    k_blocks, v_blocks = (_pad_axis(x, 1, nk * bk).reshape(b, nk, bk, kv_heads, d).transpose(
+        1, 0, 3, 2, 4) for x in (k, v))  # [nk, B, K, bk, D]
     real_keys = (jnp.arange(nk * bk) < t).reshape(nk, bk)
     mask = _pad_axis(_pad_axis(mask[:, 0, 0], 1, nq * bq), 2, nk * bk)  # [B, S', T']
 
     @jax.checkpoint
     def query_block(xs):
-        q_blk, mask_rows = xs  # [B, bq, K, G, D], [B, bq, T']
+        q_blk, mask_rows = xs  # [B, K, G, bq, D], [B, bq, T']
 
         @jax.checkpoint
         def key_step(carry, xs):
             m, l, acc = carry  # [B, K, G, bq], [B, K, G, bq], [B, K, G, bq, D] float32
-            k_blk, v_blk, mask_blk, real = xs  # [B, bk, K, D] x2, [B, bq, bk], [bk]
-            scores = jnp.einsum("bskgd,btkd->bkgst", q_blk, k_blk,
+            k_blk, v_blk, mask_blk, real = xs  # [B, K, bk, D] x2, [B, bq, bk], [bk]
+            scores = jnp.einsum("bkgsd,bktd->bkgst", q_blk, k_blk,
                                 preferred_element_type=jnp.float32) * (d ** -0.5)
             scores = jnp.where(mask_blk[:, None, None], scores, jnp.finfo(jnp.float32).min)
             scores = jnp.where(real, scores, -jnp.inf)
@@ -251,18 +256,18 @@ def blockwise_attention(q, k, v, mask, *, block_size: int = 256):
             m_new = jax.lax.stop_gradient(jnp.maximum(m, scores.max(-1)))
             p = jnp.exp(scores - m_new[..., None])
             rescale = jnp.exp(m - m_new)
-            pv = jnp.einsum("bkgst,btkd->bkgsd", p.astype(v_blk.dtype), v_blk,
+            pv = jnp.einsum("bkgst,bktd->bkgsd", p.astype(v_blk.dtype), v_blk,
                             preferred_element_type=jnp.float32)
             return (m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv), None
 
-        stats = jnp.zeros((b, kv_heads, n // kv_heads, bq), jnp.float32)
+        stats = jnp.zeros((b, kv_heads, g, bq), jnp.float32)
         carry = (stats - jnp.inf, stats, jnp.zeros((*stats.shape, d), jnp.float32))
         (_, l, acc), _ = jax.lax.scan(key_step, carry,
                                       (k_blocks, v_blocks, _blocks(mask_rows, 2, nk), real_keys))
-        return jnp.moveaxis(acc / l[..., None], 3, 1).astype(q.dtype)  # [B, bq, K, G, D]
+        return (acc / l[..., None]).astype(q.dtype)  # [B, K, G, bq, D]
 
-    out = jax.lax.map(query_block, (_blocks(q, 1, nq), _blocks(mask, 1, nq)))
-    out = jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, n, d)
+    out = jax.lax.map(query_block, (q_blocks, _blocks(mask, 1, nq)))  # [nq, B, K, G, bq, D]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, n, d)
     return out[:, :s]
 
 
