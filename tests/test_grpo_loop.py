@@ -160,3 +160,22 @@ def test_fp8_rollouts_log_the_mismatch_and_weight_it(policy_dir, odd_length_rewa
     assert row["rollout_logp_mismatch"] > 0  # FP8 sampler vs float32 trainer
     assert 0 < row["is_weight_mean"] <= 2.0 and 0 <= row["is_capped_frac"] < 1
     assert row["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # old_logp is the trainer's own
+
+
+@pytest.mark.parametrize("name", ["sft_tiny", "sft_tiny_careless", "sft_tiny_agentic",
+                                  "grpo_tiny", "grpo_tiny_recipe"])
+def test_tiny_post_training_configs_validate_and_chain_to_the_sft_that_fills_their_start(name):
+    import importlib.util
+
+    from glm_jax.rl.loop import validate_grpo
+    from glm_jax.train.sft import split_config_arg, validate_sft
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    (validate_grpo if name.startswith("grpo") else validate_sft)(config)
+    if config.init_sft_config:  # the config it runs first must write where this one starts
+        path, arg = split_config_arg(config.init_sft_config)
+        spec = importlib.util.spec_from_file_location("_chained", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        chained = module.get_config() if arg is None else module.get_config(arg)
+        assert chained.workdir == config.init
