@@ -285,6 +285,33 @@ def test_fsdp_sharded_update_gathers_one_layer_at_a_time():
     assert temp["update"] < stack / 2, temp
 
 
+def test_a_lone_matrix_is_orthogonalised_split_along_its_long_side_not_gathered():
+    """An output head [H, V] split on H (FSDP): under a mesh, Muon re-splits it along V for
+    Newton-Schulz, so no device gathers the whole matrix for the five iterations: fewer
+    temporaries than without the mesh in context (XLA left to itself gathers), same values."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from glm_jax.optim.muon import split_long_side
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+    sharding = NamedSharding(mesh, P("x", None))
+    w = jax.device_put(jax.random.normal(jax.random.key(0), (256, 4096)), sharding)
+    tx = scale_by_muon()
+    state = tx.init(w)
+    shardings = (sharding, jax.tree.map(lambda _: sharding, state))
+    update = jax.jit(tx.update, in_shardings=shardings, out_shardings=shardings)
+    temp = lambda: update.lower(w, state).compile().memory_analysis().temp_size_in_bytes
+    gathered, expected = temp(), update(w, state)[0]
+    with jax.set_mesh(mesh):
+        split, got = temp(), update(w, state)[0]
+        split_on = lambda x, *spec: jax.jit(split_long_side)(x).sharding.is_equivalent_to(
+            NamedSharding(mesh, P(*spec)), 2)
+        assert split_on(w, None, "x")
+        assert split_on(jax.device_put(w.T, NamedSharding(mesh, P(None, "x"))), "x", None)
+    assert split < 0.8 * gathered, (split, gathered)  # measured 9.5 MB against 13.6 MB
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 # ---- schedules -----------------------------------------------------------------------------------
 
 def test_warmup_cosine_values():

@@ -31,12 +31,14 @@ parameter's sharding; under jit give it `out_shardings` (the parameters'), as fo
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from glm_jax.naming import MATRIX_NAMES, path_names
 
@@ -70,6 +72,22 @@ def newton_schulz(x, *, steps: int = 5, coeffs=(3.4445, -4.7750, 2.0315), eps: f
     return jnp.swapaxes(x, -1, -2) if tall else x
 
 
+def split_long_side(x):
+    """x [A, B] under a mesh (`jax.set_mesh`), split along its longer side over every mesh axis
+    of size > 1 when their product divides it. Newton-Schulz then forms its Gram matrix from
+    local products and one all-reduce of the small m x m result, and no device gathers the
+    whole matrix: for GLM-4.5's output head (5120 x 151552) that gather is 2.9 GiB in float32.
+    Unchanged without a mesh or when the axes do not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    long = x.ndim - 1 if x.shape[-1] >= x.shape[-2] else x.ndim - 2
+    if not axes or x.shape[long] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    spec = [None] * x.ndim
+    spec[long] = axes
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
 def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                   ns_coeffs=(3.4445, -4.7750, 2.0315), eps: float = 1e-7, ns_dtype=jnp.float32,
                   rms_scale: float = 0.2) -> optax.GradientTransformation:
@@ -88,8 +106,9 @@ def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
         ns = functools.partial(newton_schulz, steps=ns_steps, coeffs=ns_coeffs, eps=eps,
                                dtype=ns_dtype)
         # One stacked layer at a time: under FSDP a matrix axis is sharded and XLA gathers what
-        # it orthogonalises, so all layers at once would gather the whole parameter.
-        o = jax.lax.map(ns, u) if u.ndim > 2 else ns(u)
+        # it orthogonalises, so all layers at once would gather the whole parameter. A lone
+        # matrix (the output heads) is split along its long side instead of gathered.
+        o = jax.lax.map(ns, u) if u.ndim > 2 else ns(split_long_side(u))
         return (rms_scale * max(g.shape[-2:]) ** 0.5 * o).astype(g.dtype)
 
     def update_fn(updates, state, params=None):
