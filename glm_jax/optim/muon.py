@@ -22,10 +22,12 @@ normalisation, coefficients, transpose when A > B) and the RMS scale match optax
 Sharding. Under FSDP a matrix axis (`embed`) is split over devices, and XLA gathers a matrix
 to orthogonalise it. The stacked layers therefore go one at a time (`lax.map` over the leading
 axis): a device holds one layer's gathered matrices, never a whole gathered [L, A, B] stack
-(105.6 -> 44.9 GiB of temporaries per device for GLM-4.5 at 128 devices; tested). Stacked
-experts [L, E, A, B] are orthogonalised per layer, batched over E, so an expert-parallel split of
-E stays local. `init` uses `zeros_like`, so called eagerly the momentum inherits each
-parameter's sharding; under jit give it `out_shardings` (the parameters'), as for any optax state.
+(105.6 -> 44.9 GiB of temporaries per device for GLM-4.5 at 128 devices; tested). A lone
+matrix (the output heads, [5120, 151552]) is split along its long side instead
+(`split_long_side`; TPU plan 36.9 -> 35.0 GiB). Stacked experts [L, E, A, B] are orthogonalised
+per layer, batched over E, so an expert-parallel split of E stays local. `init` uses
+`zeros_like`, so called eagerly the momentum inherits each parameter's sharding; under jit give
+it `out_shardings` (the parameters'), as for any optax state.
 """
 
 from __future__ import annotations
