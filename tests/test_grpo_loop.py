@@ -165,17 +165,12 @@ def test_fp8_rollouts_log_the_mismatch_and_weight_it(policy_dir, odd_length_rewa
 @pytest.mark.parametrize("name", ["sft_tiny", "sft_tiny_careless", "sft_tiny_agentic",
                                   "grpo_tiny", "grpo_tiny_recipe"])
 def test_tiny_post_training_configs_validate_and_chain_to_the_sft_that_fills_their_start(name):
-    import importlib.util
+    import importlib
 
     from glm_jax.rl.loop import validate_grpo
-    from glm_jax.train.sft import split_config_arg, validate_sft
+    from glm_jax.train.sft import load_config, validate_sft
 
     config = importlib.import_module(f"configs.{name}").get_config()
     (validate_grpo if name.startswith("grpo") else validate_sft)(config)
     if config.init_sft_config:  # the config it runs first must write where this one starts
-        path, arg = split_config_arg(config.init_sft_config)
-        spec = importlib.util.spec_from_file_location("_chained", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        chained = module.get_config() if arg is None else module.get_config(arg)
-        assert chained.workdir == config.init
+        assert load_config(config.init_sft_config).workdir == config.init

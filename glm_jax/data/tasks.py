@@ -68,12 +68,17 @@ def _add(rng: random.Random, digits: int) -> Problem:
 
 def _sort(rng: random.Random, length: int) -> Problem:
     values = [rng.randrange(100) for _ in range(length)]
-    ordered = sorted(values)
-    text = ", ".join(map(str, ordered))
-    reasoning = "From the smallest: " + ", then ".join(map(str, ordered)) + "."
+    reasoning, text = _sorted_work(values, descending=False)
     return Problem(key="sort:" + ",".join(map(str, values)), kind="sort",
                    prompt="Sort in ascending order: " + ", ".join(map(str, values)),
                    reasoning=reasoning, answer=text, reward="exact_match", reference=text)
+
+
+def _sorted_work(values, *, descending: bool) -> tuple[str, str]:
+    """(reasoning, answer) of a list worked in the given order."""
+    ordered = sorted(values, reverse=descending)
+    start = "From the largest: " if descending else "From the smallest: "
+    return start + ", then ".join(map(str, ordered)) + ".", ", ".join(map(str, ordered))
 
 
 def flawed(problem: Problem) -> Problem:
@@ -82,10 +87,8 @@ def flawed(problem: Problem) -> Problem:
     Other kinds have no modelled mistake and come back unchanged; the reference stays right."""
     if problem.kind != "sort":
         return problem
-    ordered = sorted(map(int, problem.reference.split(", ")), reverse=True)
-    return dataclasses.replace(
-        problem, reasoning="From the largest: " + ", then ".join(map(str, ordered)) + ".",
-        answer=", ".join(map(str, ordered)))
+    reasoning, answer = _sorted_work(map(int, problem.reference.split(", ")), descending=True)
+    return dataclasses.replace(problem, reasoning=reasoning, answer=answer)
 
 
 def _calculator(rng: random.Random) -> Problem:

@@ -123,14 +123,19 @@ def has_checkpoint(workdir: Path) -> bool:
     return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
-def run_sft_config(workdir: Path, config_spec: str) -> None:
-    """Runs the SFT config `config_spec` (`file.py[:arg]`) with its workdir set to `workdir`
-    (resumes if begun)."""
+def load_config(config_spec: str):
+    """The config of `config_spec` (`file.py[:arg]`), as `--config=file.py:arg` reads it."""
     config_file, arg = split_config_arg(config_spec)
     spec = importlib.util.spec_from_file_location("_init_sft_config", config_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sft_config = module.get_config() if arg is None else module.get_config(arg)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def run_sft_config(workdir: Path, config_spec: str) -> None:
+    """Runs the SFT config `config_spec` (`file.py[:arg]`) with its workdir set to `workdir`
+    (resumes if begun)."""
+    sft_config = load_config(config_spec)
     sft_config.workdir = str(workdir)
     logging.warning("no policy at %s: running the SFT config %s first", workdir, config_spec)
     sft(sft_config)
@@ -145,9 +150,9 @@ def conversations(config) -> list[dict]:
     if config.sft.data == "builtin":
         problems = tasks.problems("train", config.sft.train_problems, kinds=_kinds(config),
                                   seed=config.seed)
-        careless = random.Random(f"{config.seed}:flawed")
-        flawed = [careless.random() < config.sft.flawed_fraction for _ in problems]
-        return [tasks.conversation(tasks.flawed(p) if f else p) for p, f in zip(problems, flawed)]
+        careless = random.Random(f"{config.seed}:flawed")  # one draw per problem, in order
+        return [tasks.conversation(tasks.flawed(p) if careless.random() < config.sft.flawed_fraction
+                                   else p) for p in problems]
     return chat_data.load_conversations(config.sft.data, on_bad_record=config.sft.on_bad_record)
 
 
