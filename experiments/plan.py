@@ -23,7 +23,6 @@ from flax import nnx
 from glm_jax import sharding
 from glm_jax.errors import InputError
 from glm_jax.model import GlmMoeModel
-from glm_jax.optim import param_labels
 from glm_jax.train.loop import build_optimizer, step_config
 from glm_jax.train.step import TrainState, make_train_step
 
@@ -67,10 +66,7 @@ def _step_temp_bytes(config, model_cfg, mesh, rows_per_device: int) -> int:
     graphdef, params, buffers = _abstract(model_cfg)
     params = _placed(params, sharding.state_shardings(params, mesh))
     buffers = _placed(buffers, sharding.state_shardings(buffers, mesh))
-    opt_state = jax.eval_shape(optimizer.init, params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_like(
-        x, params, replicated)), opt_state)
+    opt_state = _abstract_opt_state(optimizer, params, mesh)
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, buffers=buffers,
                        opt_state=opt_state, loss_ema=jax.ShapeDtypeStruct((), jnp.float32))
     rows = rows_per_device * math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
@@ -99,6 +95,13 @@ def _placed(state, shardings):
         shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _abstract_opt_state(optimizer, params, mesh):
+    """The optimizer state's shapes and dtypes, each leaf sharded like its parameter."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_like(
+        x, params, replicated)), jax.eval_shape(optimizer.init, params))
+
+
 def _like(leaf, params, default):
     """Optimizer leaves shaped like a parameter take that parameter's sharding."""
     for p in jax.tree.leaves(params):
@@ -115,11 +118,9 @@ def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1,
     _, params, _ = _abstract(model_cfg)
     p_shard = sharding.state_shardings(params, mesh)
     param_bytes = _device_bytes(params, p_shard)
-    labels = jax.tree.leaves(param_labels(params))
-    # Muon keeps one float32 momentum per matrix, AdamW two float32 moments per other parameter.
-    opt_bytes = 0
-    for value, spec, label in zip(jax.tree.leaves(params), jax.tree.leaves(p_shard), labels):
-        opt_bytes += math.prod(spec.shard_shape(value.shape)) * 4 * (1 if label == "muon" else 2)
+    # As the optimizer builds it: Muon's momentum, AdamW's two moments, in their own dtypes.
+    opt_state = _abstract_opt_state(optimizer, _placed(params, p_shard), mesh)
+    opt_bytes = _device_bytes(opt_state, [x.sharding for x in jax.tree.leaves(opt_state)])
     plan = {"mesh": dict(mesh.shape), "devices": mesh.size, "rows_per_device": rows_per_device,
             "seq_len": config.seq_len, "param_GiB": param_bytes / GiB,
             "optimizer_GiB": opt_bytes / GiB}

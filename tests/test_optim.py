@@ -136,6 +136,56 @@ def test_config_muon_ns_dtype_reaches_the_optimizer():
     assert not np.array_equal(runs["bfloat16"]["kernel"], runs["float32"]["kernel"])
 
 
+def test_bfloat16_momentum_is_rounded_once_per_step():
+    """Each step computes m <- beta m + g in float32 from the stored bfloat16 m, stores it
+    rounded, and orthogonalises g + beta m with the stored m (float32 arithmetic)."""
+    grads = [randn(30 + t, (2, 24, 40)) for t in range(3)]
+    tx = scale_by_muon(momentum_dtype=jnp.bfloat16)
+    state = tx.init(jnp.zeros((2, 24, 40)))
+    assert state.momentum.dtype == jnp.bfloat16
+    for g in grads:
+        before = state.momentum.astype(jnp.float32)
+        update, state = tx.update(g, state)
+        np.testing.assert_array_equal(state.momentum, (0.95 * before + g).astype(jnp.bfloat16))
+        stored = state.momentum.astype(jnp.float32)
+        expected = 0.2 * 40 ** 0.5 * jnp.stack([newton_schulz(x) for x in g + 0.95 * stored])
+        np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_momentum_close_to_float32_over_steps():
+    """Rounding the stored momentum moves later updates by far less than Muon's own update."""
+    params = {"proj": {"kernel": jnp.zeros((2, 48, 80))}, "norm": {"scale": jnp.ones((48,))}}
+    grads = [{"proj": {"kernel": randn(40 + t, (2, 48, 80))}, "norm": {"scale": randn(50 + t, (48,))}}
+             for t in range(5)]
+    f32 = run_steps(muon(0.01), params, grads)[-1]
+    bf16 = run_steps(muon(0.01, momentum_dtype=jnp.bfloat16), params, grads)[-1]
+    for key in ("proj", "norm"):
+        leaf = next(iter(f32[key].values()))
+        other = next(iter(bf16[key].values()))
+        assert other.dtype == jnp.float32
+        err = jnp.linalg.norm(other - leaf) / jnp.linalg.norm(leaf)
+        assert 0 < err < 0.02, (key, err)
+
+
+def test_config_momentum_dtype_reaches_both_halves():
+    from glm_jax.train.config import base_config
+    from glm_jax.train.loop import build_optimizer
+
+    params = {"proj": {"kernel": jnp.zeros((2, 8, 16))}, "norm": {"scale": jnp.ones((8,))}}
+    config = base_config()
+    for optimizer in ("muon", "adamw"):
+        config.optimizer = optimizer
+        for dtype in ("float32", "bfloat16"):
+            config.momentum_dtype = dtype
+            state = build_optimizer(config)[0].init(params)
+            # Muon's momentum, AdamW's first moment: both in `dtype`; AdamW's second stays float32
+            leaves = [(jax.tree_util.keystr(path), leaf.dtype) for path, leaf
+                      in jax.tree_util.tree_leaves_with_path(state)
+                      if getattr(leaf, "ndim", 0) and ("momentum" in jax.tree_util.keystr(path)
+                                                       or ".mu" in jax.tree_util.keystr(path))]
+            assert leaves and all(d == jnp.dtype(dtype) for _, d in leaves), (optimizer, leaves)
+
+
 def test_config_optimizer_adamw_is_optax_adamw_on_every_parameter():
     from glm_jax.train.config import base_config
     from glm_jax.train.loop import build_optimizer

@@ -70,6 +70,22 @@ def test_stopped_run_resumes_exactly(full_run, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # bit for bit on CPU
 
 
+def test_bfloat16_momentum_run_resumes_exactly(full_run, tmp_path):
+    """With the momentum stored in bfloat16 a stopped run continues bit for bit, and its losses
+    are not the float32-momentum run's."""
+    def config(workdir, steps):
+        c = _config(workdir, steps)
+        c.momentum_dtype = "bfloat16"
+        return c
+
+    pretrain(config(tmp_path / "full", 8))
+    pretrain(config(tmp_path / "resumed", 5))
+    pretrain(config(tmp_path / "resumed", 8))
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["loss"] for r in full] != [r["loss"] for r in _losses(full_run)]
+
+
 def test_load_workdir_restores_the_checkpoint_weights_only(full_run, monkeypatch):
     import glm_jax.train.loop as loop
 
@@ -153,6 +169,7 @@ def test_batch_size_warmup_schedule():
     (dict(warmup_steps=8), "config.warmup_steps: 8 must be < schedule_steps 8"),
     (dict(peak_learning_rate=float("nan")), "config.peak_learning_rate: must be a finite number"),
     (dict(muon_ns_dtype="float16"), "config.muon_ns_dtype: must be one of ('float32', 'bfloat16')"),
+    (dict(momentum_dtype="fp8"), "config.momentum_dtype: must be one of ('float32', 'bfloat16')"),
     (dict(optimizer="sgd"), "config.optimizer: must be one of ('muon', 'adamw'), got 'sgd'"),
     (dict(mesh={"pipeline": 2}), "config.mesh: unknown axes ['pipeline']"),
     (dict(train_tokenizer=False), "config.tokenizer_path: is empty"),

@@ -137,6 +137,26 @@ def test_memory_plan_counts_shards_exactly():
         CONFIG.num_moe_layers + 1) / GiB
 
 
+@pytest.mark.parametrize("momentum_dtype, muon_bytes, adam_bytes", [
+    ("float32", 4, 4 + 4), ("bfloat16", 2, 2 + 4)])  # AdamW's second moment stays float32
+def test_memory_plan_counts_the_optimizer_state_in_its_dtypes(momentum_dtype, muon_bytes,
+                                                               adam_bytes):
+    from configs import pretrain_tiny
+    from experiments.plan import GiB, memory_plan
+    from glm_jax.optim import param_labels
+
+    config = pretrain_tiny.get_config()
+    config.momentum_dtype = momentum_dtype
+    params = nnx.state(nnx.eval_shape(lambda: GlmMoeModel(CONFIG, rngs=nnx.Rngs(0))),
+                       nnx.Param)
+    sizes = {"muon": 0, "adam": 0}
+    for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(param_labels(params))):
+        sizes[label] += leaf.size
+    plan = memory_plan(config, CONFIG, sharding.make_mesh({"data": 8}), activations=False)
+    expected = sizes["muon"] * muon_bytes + sizes["adam"] * adam_bytes
+    assert 0 <= plan["optimizer_GiB"] * GiB - expected < 64  # plus a few int32 step counts
+
+
 def test_targeting_picks_the_kernels_of_the_platform_compiled_for(monkeypatch):
     from glm_jax.model.attention import resolve_impl
     from kernels.backends import platform, targeting

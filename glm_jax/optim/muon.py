@@ -2,7 +2,7 @@
 
 For an A x B matrix W with gradient G (Moonlight, "Muon is Scalable for LLM Training"):
 
-    M <- beta * M + G                        momentum, float32
+    M <- beta * M + G                        momentum, float32 (or stored in bfloat16)
     U  = G + beta * M                        Nesterov (M itself without)
     O  = NS5(U / ||U||_F)                    quintic Newton-Schulz ~ the polar factor of U
     W <- W - lr * (0.2 * sqrt(max(A, B)) * O + wd * W)
@@ -28,6 +28,11 @@ matrix (the output heads, [5120, 151552]) is split along its long side instead
 per layer, batched over E, so an expert-parallel split of E stays local. `init` uses
 `zeros_like`, so called eagerly the momentum inherits each parameter's sharding; under jit give
 it `out_shardings` (the parameters'), as for any optax state.
+
+`momentum_dtype=jnp.bfloat16` stores the momentum (and AdamW's first moment) in bfloat16, as
+DeepSeek-V3 stores its AdamW moments: half the optimizer state. Each step computes the new
+momentum in float32 and stores it rounded; the update reads the stored momentum back (so it
+can be written in place of the old one rather than beside it).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ NEVER_OPTIMISED = ("e_score_correction_bias",)  # RouterBias: set by loss-free b
 
 
 class MuonState(NamedTuple):
-    momentum: optax.Updates  # float32, same tree and shapes as the parameters
+    momentum: optax.Updates  # momentum_dtype (float32 by default), the parameters' tree and shapes
 
 
 def newton_schulz(x, *, steps: int = 5, coeffs=(3.4445, -4.7750, 2.0315), eps: float = 1e-7,
@@ -92,21 +97,23 @@ def split_long_side(x):
 
 def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                   ns_coeffs=(3.4445, -4.7750, 2.0315), eps: float = 1e-7, ns_dtype=jnp.float32,
-                  rms_scale: float = 0.2) -> optax.GradientTransformation:
+                  rms_scale: float = 0.2,
+                  momentum_dtype=jnp.float32) -> optax.GradientTransformation:
     """Momentum, Newton-Schulz orthogonalisation of the last two axes, RMS matching.
 
     Every leaf must have rank >= 2; leading axes are batch axes. Chain with
     `optax.add_decayed_weights` and `optax.scale_by_learning_rate` (as `muon` does)."""
 
     def init_fn(params):
-        return MuonState(jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params))
+        return MuonState(jax.tree.map(lambda p: jnp.zeros_like(p, dtype=momentum_dtype), params))
 
-    def orthogonalise(g, m):  # g: gradient, m: momentum already updated with g
+    def orthogonalise(g, m):  # g: gradient, m: momentum already updated with g, as stored
         if g.ndim < 2:
             raise ValueError(f"Muon needs matrices (rank >= 2), got a leaf of shape {g.shape}")
-        u = g.astype(jnp.float32) + beta * m if nesterov else m
         ns = functools.partial(newton_schulz, steps=ns_steps, coeffs=ns_coeffs, eps=eps,
                                dtype=ns_dtype)
+        m = m.astype(jnp.float32)
+        u = g.astype(jnp.float32) + beta * m if nesterov else m
         # One stacked layer at a time: under FSDP a matrix axis is sharded and XLA gathers what
         # it orthogonalises, so all layers at once would gather the whole parameter. A lone
         # matrix (the output heads) is split along its long side instead of gathered.
@@ -115,8 +122,10 @@ def scale_by_muon(beta: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
 
     def update_fn(updates, state, params=None):
         del params
-        momentum = jax.tree.map(lambda g, m: beta * m + g.astype(jnp.float32), updates,
-                                state.momentum)
+        # Stored first, in place of the old momentum (in its dtype), then read by the update.
+        momentum = jax.tree.map(
+            lambda g, m: (beta * m.astype(jnp.float32) + g.astype(jnp.float32)).astype(
+                momentum_dtype), updates, state.momentum)
         return jax.tree.map(orthogonalise, updates, momentum), MuonState(momentum)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -161,17 +170,18 @@ def param_labels(params, *, head_with_adam: bool = False):
 def muon(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1, beta: float = 0.95,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float = 0.1, adam_lr: optax.ScalarOrSchedule | None = None,
-         head_with_adam: bool = False, ns_dtype=jnp.float32) -> optax.GradientTransformation:
+         head_with_adam: bool = False, ns_dtype=jnp.float32,
+         momentum_dtype=jnp.float32) -> optax.GradientTransformation:
     """GLM-4.5's optimizer for `nnx.state(model, nnx.Param)`: Muon (`scale_by_muon`, then
     decoupled weight decay `- lr * wd * W`) on the matrices, AdamW on embeddings, biases and norm
     scales (see `param_labels`). `learning_rate` (and `adam_lr`, default the same) may be a
-    schedule."""
+    schedule. `momentum_dtype` is that of Muon's momentum and AdamW's first moment."""
     muon_tx = optax.chain(
-        scale_by_muon(beta=beta, ns_dtype=ns_dtype),
+        scale_by_muon(beta=beta, ns_dtype=ns_dtype, momentum_dtype=momentum_dtype),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )
     adam_tx = optax.adamw(learning_rate if adam_lr is None else adam_lr, b1=adam_b1, b2=adam_b2,
-                          eps=adam_eps, weight_decay=adam_weight_decay)
+                          eps=adam_eps, weight_decay=adam_weight_decay, mu_dtype=momentum_dtype)
     return optax.partition({"muon": muon_tx, "adam": adam_tx},
                            functools.partial(param_labels, head_with_adam=head_with_adam))

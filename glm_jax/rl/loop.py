@@ -86,8 +86,8 @@ def grpo_base_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     for field in ("seed", "mesh", "num_devices", "steps", "schedule_steps", "warmup_steps",
                   "peak_learning_rate", "floor_learning_rate", "weight_decay", "grad_clip",
-                  "optimizer", "head_with_adam", "muon_ns_dtype", "micro_batches", "log_every",
-                  "checkpoint_every", "keep_checkpoints"):
+                  "optimizer", "head_with_adam", "muon_ns_dtype", "momentum_dtype", "micro_batches",
+                  "log_every", "checkpoint_every", "keep_checkpoints"):
         config[field] = base[field]
     config.workdir = "workdir/grpo"
     config.algorithm = algorithm

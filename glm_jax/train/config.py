@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Muon's Newton-Schulz iterations in "float32" or "bfloat16" (Moonlight's choice: half the
     # optimizer's matmul bytes; the momentum and the update stay float32).
     config.muon_ns_dtype = "float32"
+    # The optimizer's momentum (Muon's, and AdamW's first moment) stored in "float32" or
+    # "bfloat16" (DeepSeek-V3 keeps its AdamW moments in bfloat16): half the momentum's bytes.
+    config.momentum_dtype = "float32"
     config.seq_len = 4096
     config.batch_size = 8  # sequences per step, global
     config.micro_batches = 1  # gradient accumulation: batch_size / micro_batches per pass
@@ -145,6 +148,8 @@ def check_optimizer(config) -> None:
         _fail("optimizer", f"must be one of {OPTIMIZERS}, got {config.optimizer!r}")
     if config.muon_ns_dtype not in MUON_NS_DTYPES:
         _fail("muon_ns_dtype", f"must be one of {MUON_NS_DTYPES}, got {config.muon_ns_dtype!r}")
+    if config.momentum_dtype not in MUON_NS_DTYPES:
+        _fail("momentum_dtype", f"must be one of {MUON_NS_DTYPES}, got {config.momentum_dtype!r}")
 
 
 def check_tokenizer(config, workdir_has_tokenizer: bool) -> None:

@@ -49,12 +49,14 @@ def step_config(config) -> StepConfig:
 def build_optimizer(config):
     schedule = warmup_cosine(peak=config.peak_learning_rate, floor=config.floor_learning_rate,
                              warmup_steps=config.warmup_steps, total_steps=config.schedule_steps)
+    momentum_dtype = jnp.dtype(config.momentum_dtype)
     if config.optimizer == "adamw":
-        optimizer = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=config.weight_decay)
+        optimizer = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=config.weight_decay,
+                                mu_dtype=momentum_dtype)
     else:
         optimizer = muon(schedule, weight_decay=config.weight_decay,
                          head_with_adam=config.head_with_adam,
-                         ns_dtype=jnp.dtype(config.muon_ns_dtype))
+                         ns_dtype=jnp.dtype(config.muon_ns_dtype), momentum_dtype=momentum_dtype)
     if config.grad_clip:
         optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip), optimizer)
     return optimizer, schedule
