@@ -35,6 +35,8 @@ flags.DEFINE_string("preset", "glm45_mini", "bench: model preset")
 flags.DEFINE_integer("devices", 8, "virtual CPU devices (plan)")
 flags.DEFINE_string("topology", None, "plan: compile for this TPU topology through libtpu instead "
                     "of virtual CPUs, e.g. v5p:4x4x8 (128 chips)")
+flags.DEFINE_float("hbm_gib", None, "plan --topology: compile as if each chip had this much HBM "
+                   "(the compiler then schedules to fit it, or says what it needs)")
 flags.DEFINE_string("mesh", "{}", "mesh axis sizes as JSON (plan)")
 flags.DEFINE_integer("rows_per_device", 1, "sequences per device per micro-batch (plan)")
 flags.DEFINE_float("temperature", 0.7, "sampling temperature, 0 = greedy")

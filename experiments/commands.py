@@ -360,9 +360,17 @@ def plan(flags) -> None:
     """Per-device memory of --config's training on a --mesh of virtual CPUs or TPU chips.
 
     --devices virtual CPUs, or the chips of a TPU --topology compiled for by libtpu (their
-    count replaces --devices)."""
+    count replaces --devices). --hbm_gib (TPU only) declares the chips' memory: with a whole v5p
+    to spare the compiler takes far more than it needs, told less it schedules to fit."""
     import os
 
+    if flags.hbm_gib is not None:
+        if not flags.topology:
+            raise InputError("--hbm_gib applies to a TPU plan: add --topology=...")
+        if not flags.hbm_gib > 0:
+            raise InputError(f"--hbm_gib must be > 0, got {flags.hbm_gib}")
+        os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") +
+                                          f" --xla_tpu_max_hbm_size_mib={int(flags.hbm_gib * 1024)}")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={flags.devices}")
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -383,6 +391,8 @@ def plan(flags) -> None:
     with targeting("tpu" if flags.topology else "cpu"):
         result = memory_plan(config, model_cfg, mesh, rows_per_device=flags.rows_per_device)
     target = f"TPU {flags.topology}" if flags.topology else f"{mesh.size} virtual CPUs"
+    if flags.hbm_gib is not None:
+        target += f" with {flags.hbm_gib:g} GiB of HBM each"
     print(json.dumps({"compiled_for": target, **result}))
 
 

@@ -60,8 +60,8 @@ def _abstract(model_cfg):
     return nnx.split(model, nnx.Param, ...)
 
 
-def _step_temp_bytes(config, model_cfg, mesh, rows_per_device: int) -> int:
-    """XLA's per-device temporary bytes for one compiled train step (activations etc.)."""
+def _step_memory(config, model_cfg, mesh, rows_per_device: int):
+    """XLA's memory analysis of one compiled train step (per device)."""
     optimizer, schedule = build_optimizer(config)
     graphdef, params, buffers = _abstract(model_cfg)
     params = _placed(params, sharding.state_shardings(params, mesh))
@@ -85,7 +85,7 @@ def _step_temp_bytes(config, model_cfg, mesh, rows_per_device: int) -> int:
                 raise
             raise InputError(f"the train step does not fit one device: "
                              f"{str(e).splitlines()[0]}") from e
-    return compiled.memory_analysis().temp_size_in_bytes
+    return compiled.memory_analysis()
 
 
 def _placed(state, shardings):
@@ -113,7 +113,7 @@ def _like(leaf, params, default):
 def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1,
                 activations: bool = True) -> dict:
     """Per-device GiB of parameters, optimizer state and (if `activations`, which compiles the
-    step) activations/temporaries."""
+    step) activations/temporaries; where the compiler reports it (TPU), its peak."""
     optimizer, _ = build_optimizer(config)
     _, params, _ = _abstract(model_cfg)
     p_shard = sharding.state_shardings(params, mesh)
@@ -126,6 +126,13 @@ def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1,
             "optimizer_GiB": opt_bytes / GiB}
     if not activations:
         return plan
-    act = _step_temp_bytes(config, model_cfg, mesh, rows_per_device)
-    return {**plan, "activations_GiB": act / GiB,
-            "total_GiB": (param_bytes + opt_bytes + act) / GiB}
+    memory = _step_memory(config, model_cfg, mesh, rows_per_device)
+    act = memory.temp_size_in_bytes
+    plan.update(activations_GiB=act / GiB, total_GiB=(param_bytes + opt_bytes + act) / GiB)
+    # The TPU compiler also reports its peak (arguments included) from its buffer assignment:
+    # what the chip must hold. Its `temp_size` counts more than that peak needs. (XLA:CPU
+    # reports only its arguments and outputs as the peak.)
+    if memory.peak_memory_in_bytes > (memory.argument_size_in_bytes
+                                      + memory.output_size_in_bytes):
+        plan["peak_GiB"] = memory.peak_memory_in_bytes / GiB
+    return plan

@@ -96,6 +96,10 @@ def _fails(args, message, stdin=""):
     (["distill", "--out=x.jsonl"], "distill needs --teachers=DIR"),
     (["distill", "--teachers=.", "--samples=4", "--temperature=0"], "needs --out"),
     (["generate", "--checkpoint="], "needs --checkpoint=DIR"),
+    (["plan", "--config=configs/pretrain_tiny.py", "--hbm_gib=45"],
+     "--hbm_gib applies to a TPU plan: add --topology=..."),
+    (["plan", "--config=configs/pretrain_tiny.py", "--topology=v5p:2x2x1", "--hbm_gib=0"],
+     "--hbm_gib must be > 0, got 0.0"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(args, message):
     _fails(args, message)
