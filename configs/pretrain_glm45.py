@@ -12,6 +12,9 @@ def get_config():
     # TPU compiler's plan at 128 chips (BUILD.md); imbalance beyond it costs an extra pass.
     config.model.overrides = dict(param_dtype="float32", dtype="bfloat16", remat="full",
                                   ep_capacity_factor=1.25)
+    # Muon's momentum stored in bfloat16 (DeepSeek-V3 keeps its AdamW moments in bfloat16): 5.2
+    # GiB less per chip at 128 chips, where the TPU compiler's peak goes 48.0 -> 42.7 GiB.
+    config.momentum_dtype = "bfloat16"
     config.steps = 500_000
     config.schedule_steps = 500_000
     config.warmup_steps = 2_000
