@@ -60,13 +60,9 @@ def _abstract(model_cfg):
     return nnx.split(model, nnx.Param, ...)
 
 
-def _step_memory(config, model_cfg, mesh, rows_per_device: int):
-    """XLA's memory analysis of one compiled train step (per device)."""
-    optimizer, schedule = build_optimizer(config)
-    graphdef, params, buffers = _abstract(model_cfg)
-    params = _placed(params, sharding.state_shardings(params, mesh))
-    buffers = _placed(buffers, sharding.state_shardings(buffers, mesh))
-    opt_state = _abstract_opt_state(optimizer, params, mesh)
+def _step_memory(config, graphdef, params, buffers, opt_state, optimizer, schedule, mesh,
+                 rows_per_device: int):
+    """XLA's memory analysis of one compiled train step (per device), for abstract placed state."""
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, buffers=buffers,
                        opt_state=opt_state, loss_ema=jax.ShapeDtypeStruct((), jnp.float32))
     rows = rows_per_device * math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
@@ -114,19 +110,22 @@ def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1,
                 activations: bool = True) -> dict:
     """Per-device GiB of parameters, optimizer state and (if `activations`, which compiles the
     step) activations/temporaries; where the compiler reports it (TPU), its peak."""
-    optimizer, _ = build_optimizer(config)
-    _, params, _ = _abstract(model_cfg)
+    optimizer, schedule = build_optimizer(config)
+    graphdef, params, buffers = _abstract(model_cfg)
     p_shard = sharding.state_shardings(params, mesh)
     param_bytes = _device_bytes(params, p_shard)
+    params = _placed(params, p_shard)
     # As the optimizer builds it: Muon's momentum, AdamW's two moments, in their own dtypes.
-    opt_state = _abstract_opt_state(optimizer, _placed(params, p_shard), mesh)
+    opt_state = _abstract_opt_state(optimizer, params, mesh)
     opt_bytes = _device_bytes(opt_state, [x.sharding for x in jax.tree.leaves(opt_state)])
     plan = {"mesh": dict(mesh.shape), "devices": mesh.size, "rows_per_device": rows_per_device,
             "seq_len": config.seq_len, "param_GiB": param_bytes / GiB,
             "optimizer_GiB": opt_bytes / GiB}
     if not activations:
         return plan
-    memory = _step_memory(config, model_cfg, mesh, rows_per_device)
+    buffers = _placed(buffers, sharding.state_shardings(buffers, mesh))
+    memory = _step_memory(config, graphdef, params, buffers, opt_state, optimizer, schedule, mesh,
+                          rows_per_device)
     act = memory.temp_size_in_bytes
     plan.update(activations_GiB=act / GiB, total_GiB=(param_bytes + opt_bytes + act) / GiB)
     # The TPU compiler also reports its peak (arguments included) from its buffer assignment:

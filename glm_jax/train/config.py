@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-MUON_NS_DTYPES = ("float32", "bfloat16")
+OPTIMIZER_DTYPES = ("float32", "bfloat16")  # muon_ns_dtype, momentum_dtype
 OPTIMIZERS = ("muon", "adamw")
 
 
@@ -146,10 +146,9 @@ def check_optimizer(config) -> None:
     check_float(config, "grad_clip")
     if config.optimizer not in OPTIMIZERS:
         _fail("optimizer", f"must be one of {OPTIMIZERS}, got {config.optimizer!r}")
-    if config.muon_ns_dtype not in MUON_NS_DTYPES:
-        _fail("muon_ns_dtype", f"must be one of {MUON_NS_DTYPES}, got {config.muon_ns_dtype!r}")
-    if config.momentum_dtype not in MUON_NS_DTYPES:
-        _fail("momentum_dtype", f"must be one of {MUON_NS_DTYPES}, got {config.momentum_dtype!r}")
+    for field in ("muon_ns_dtype", "momentum_dtype"):
+        if config[field] not in OPTIMIZER_DTYPES:
+            _fail(field, f"must be one of {OPTIMIZER_DTYPES}, got {config[field]!r}")
 
 
 def check_tokenizer(config, workdir_has_tokenizer: bool) -> None:
