@@ -39,6 +39,8 @@ flags.DEFINE_float("hbm_gib", None, "plan --topology: compile as if each chip ha
                    "(the compiler then schedules to fit it, or says what it needs)")
 flags.DEFINE_string("mesh", "{}", "mesh axis sizes as JSON (plan)")
 flags.DEFINE_integer("rows_per_device", 1, "sequences per device per micro-batch (plan)")
+flags.DEFINE_integer("micro_batches", 1, "plan: micro-batches per step; above 1 the step "
+                     "accumulates gradients (the memory is the same for any count above 1)")
 flags.DEFINE_float("temperature", 0.7, "sampling temperature, 0 = greedy")
 flags.DEFINE_integer("top_k", 0, "sample among the k likeliest tokens (0 = off)")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")

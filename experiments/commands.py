@@ -389,7 +389,8 @@ def plan(flags) -> None:
     devices = tpu_devices(flags.topology) if flags.topology else None
     mesh = sharding.make_mesh(mesh_shape, devices=devices)
     with targeting("tpu" if flags.topology else "cpu"):
-        result = memory_plan(config, model_cfg, mesh, rows_per_device=flags.rows_per_device)
+        result = memory_plan(config, model_cfg, mesh, rows_per_device=flags.rows_per_device,
+                             micro_batches=flags.micro_batches)
     target = f"TPU {flags.topology}" if flags.topology else f"{mesh.size} virtual CPUs"
     if flags.hbm_gib is not None:
         target += f" with {flags.hbm_gib:g} GiB of HBM each"
@@ -419,7 +420,8 @@ COMMANDS = {
     "generate": Command(generate, ("checkpoint", "prompt", "steps") + _SAMPLING),
     "chat": Command(chat, ("checkpoint", "steps", "thinking", "tools") + _SAMPLING),
     "convert": Command(convert, ("checkpoint",)),
-    "plan": Command(plan, ("config", "devices", "topology", "mesh", "rows_per_device")),
+    "plan": Command(plan, ("config", "devices", "topology", "hbm_gib", "mesh", "rows_per_device",
+                           "micro_batches")),
     "bench": Command(bench, ("what", "preset")),
 }
 

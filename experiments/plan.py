@@ -61,14 +61,14 @@ def _abstract(model_cfg):
 
 
 def _step_memory(config, graphdef, params, buffers, opt_state, optimizer, schedule, mesh,
-                 rows_per_device: int):
+                 rows_per_device: int, micro_batches: int):
     """XLA's memory analysis of one compiled train step (per device), for abstract placed state."""
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, buffers=buffers,
                        opt_state=opt_state, loss_ema=jax.ShapeDtypeStruct((), jnp.float32))
     rows = rows_per_device * math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     batch_sharding = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES, None))
-    batch = {k: jax.ShapeDtypeStruct((1, rows, config.seq_len),
+    batch = {k: jax.ShapeDtypeStruct((micro_batches, rows, config.seq_len),
                                      jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=batch_sharding)
              for k in ("input_ids", "target_ids", "segment_ids", "positions", "loss_mask")}
@@ -106,10 +106,14 @@ def _like(leaf, params, default):
     return default
 
 
-def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1,
+def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1, micro_batches: int = 1,
                 activations: bool = True) -> dict:
     """Per-device GiB of parameters, optimizer state and (if `activations`, which compiles the
-    step) activations/temporaries; where the compiler reports it (TPU), its peak."""
+    step) activations/temporaries; where the compiler reports it (TPU), its peak.
+    `micro_batches` > 1 compiles gradient accumulation: its float32 accumulator lives through
+    every micro-batch's backward (any count above 1 needs the same memory)."""
+    if micro_batches < 1:
+        raise InputError(f"micro_batches must be >= 1, got {micro_batches}")
     optimizer, schedule = build_optimizer(config)
     graphdef, params, buffers = _abstract(model_cfg)
     p_shard = sharding.state_shardings(params, mesh)
@@ -119,13 +123,13 @@ def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1,
     opt_state = _abstract_opt_state(optimizer, params, mesh)
     opt_bytes = _device_bytes(opt_state, [x.sharding for x in jax.tree.leaves(opt_state)])
     plan = {"mesh": dict(mesh.shape), "devices": mesh.size, "rows_per_device": rows_per_device,
-            "seq_len": config.seq_len, "param_GiB": param_bytes / GiB,
+            "micro_batches": micro_batches, "seq_len": config.seq_len, "param_GiB": param_bytes / GiB,
             "optimizer_GiB": opt_bytes / GiB}
     if not activations:
         return plan
     buffers = _placed(buffers, sharding.state_shardings(buffers, mesh))
     memory = _step_memory(config, graphdef, params, buffers, opt_state, optimizer, schedule, mesh,
-                          rows_per_device)
+                          rows_per_device, micro_batches)
     act = memory.temp_size_in_bytes
     plan.update(activations_GiB=act / GiB, total_GiB=(param_bytes + opt_bytes + act) / GiB)
     # The TPU compiler also reports its peak (arguments included) from its buffer assignment:

@@ -164,3 +164,20 @@ def test_rollout_batch_refuses_mismatched_rows():
         rollout_batch([[1, 2]], [[3, 4]], [[0.0]], [1.0], seq_len=8)
     with pytest.raises(ValueError, match="exceed seq_len"):
         rollout_batch([[1] * 8], [[3, 4]], [[0.0, 0.0]], [1.0], seq_len=8)
+
+
+def test_grad_clip_equals_optax_clipping_chained_into_the_optimizer(rollout):
+    model = rollout[0]
+    batch = _batch(rollout)
+    sgd = optax.sgd(0.5)
+    runs = {}
+    for name, optimizer, clip in (("step", sgd, 1e-3), ("chained", optax.chain(
+            optax.clip_by_global_norm(1e-3), sgd), 0.0), ("none", sgd, 0.0)):
+        graphdef, state = _state(model, optimizer)
+        step = make_grpo_step(graphdef, optimizer, GrpoConfig(grad_clip=clip))
+        runs[name] = step(state, batch, jax.random.key(0))
+    assert float(runs["step"][1]["grad_norm"]) == float(runs["chained"][1]["grad_norm"]) > 1e-3
+    for a, b in zip(jax.tree.leaves(runs["step"][0].params), jax.tree.leaves(runs["chained"][0].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(a, c) for a, c in zip(jax.tree.leaves(runs["step"][0].params),
+                                                     jax.tree.leaves(runs["none"][0].params)))

@@ -17,8 +17,8 @@ from flax import nnx
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # optax's own NS, as reference
 
 import glm_jax
-from glm_jax.optim import (BatchSize, batch_size_schedule, muon, newton_schulz, param_labels,
-                           scale_by_muon, warmup_cosine)
+from glm_jax.optim import (BatchSize, batch_size_schedule, clip_by_global_norm, muon,
+                           newton_schulz, param_labels, scale_by_muon, warmup_cosine)
 
 COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -130,8 +130,7 @@ def test_config_muon_ns_dtype_reaches_the_optimizer():
         config.muon_ns_dtype = dtype
         _, runs[dtype] = run_steps(build_optimizer(config)[0], params, [grads] * 2)  # lr(0) = 0
     schedule = build_optimizer(config)[1]
-    _, direct = run_steps(optax.chain(optax.clip_by_global_norm(config.grad_clip),
-                                      muon(schedule, ns_dtype=jnp.bfloat16)), params, [grads] * 2)
+    _, direct = run_steps(muon(schedule, ns_dtype=jnp.bfloat16), params, [grads] * 2)
     np.testing.assert_array_equal(runs["bfloat16"]["kernel"], direct["kernel"])
     assert not np.array_equal(runs["bfloat16"]["kernel"], runs["float32"]["kernel"])
 
@@ -196,8 +195,8 @@ def test_config_optimizer_adamw_is_optax_adamw_on_every_parameter():
     config.optimizer = "adamw"
     tx, schedule = build_optimizer(config)
     ours = run_steps(tx, params, [grads] * 3)[-1]  # lr(0) = 0: the last update moves
-    direct = run_steps(optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adamw(
-        schedule, b1=0.9, b2=0.95, weight_decay=config.weight_decay)), params, [grads] * 3)[-1]
+    direct = run_steps(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=config.weight_decay),
+                       params, [grads] * 3)[-1]
     chex.assert_trees_all_equal(ours, direct)
     config.optimizer = "muon"
     with_muon = run_steps(build_optimizer(config)[0], params, [grads] * 3)[-1]
@@ -392,3 +391,38 @@ def test_batch_size_ramp_stages():
     steps = [four(t).accumulation_steps for t in range(0, 500, 100)]
     assert steps == sorted(steps) and len(set(steps)) == 5
     assert all(four(t).sequences % 48 == 0 for t in range(0, 500, 50))
+
+
+# ---- Clipping by global norm (done by the steps, not chained into the optimizer) ---------------
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_by_global_norm_is_optax_clipping(max_norm):
+    grads = {"a": randn(8, (4, 16, 8)), "b": {"c": randn(9, (32,)).astype(jnp.bfloat16)}}
+    clipped, norm = clip_by_global_norm(grads, max_norm)
+    expected, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    chex.assert_trees_all_equal(clipped, expected)
+    assert float(norm) == pytest.approx(float(optax.tree.norm(grads)))
+    assert (float(optax.tree.norm(clipped)) < float(norm)) == (max_norm < float(norm))
+
+
+def test_clip_by_global_norm_zero_is_no_clipping():
+    grads = {"a": randn(10, (8, 8))}
+    clipped, norm = clip_by_global_norm(grads, 0.0)
+    assert clipped is grads and float(norm) == pytest.approx(float(optax.tree.norm(grads)))
+
+
+def test_config_grad_clip_reaches_the_steps_not_the_optimizer():
+    from glm_jax.rl.loop import grpo_base_config, grpo_config
+    from glm_jax.train.config import base_config
+    from glm_jax.train.loop import build_optimizer, step_config
+
+    config = base_config()
+    config.grad_clip = 0.25
+    params = {"proj": {"kernel": jnp.zeros((4, 64, 96))}}
+    optimizer, schedule = build_optimizer(config)  # Muon alone, no clipping chained in front
+    assert (jax.tree.structure(optimizer.init(params))
+            == jax.tree.structure(muon(schedule).init(params)))
+    assert step_config(config).grad_clip == 0.25
+    rl = grpo_base_config()
+    rl.grad_clip = 0.5
+    assert grpo_config(rl, []).grad_clip == 0.5

@@ -137,6 +137,23 @@ def test_memory_plan_counts_shards_exactly():
         CONFIG.num_moe_layers + 1) / GiB
 
 
+def test_memory_plan_with_gradient_accumulation_counts_the_accumulator():
+    """micro_batches > 1 compiles the accumulation scan: its float32 gradient accumulator lives
+    beside each micro-batch's backward, which one micro-batch never needs."""
+    from configs import pretrain_tiny
+    from experiments.plan import memory_plan
+
+    config = pretrain_tiny.get_config()
+    config.seq_len = 32
+    mesh = sharding.make_mesh({"data": 8})
+    one = memory_plan(config, CONFIG, mesh)
+    two = memory_plan(config, CONFIG, mesh, micro_batches=2)
+    assert one["micro_batches"] == 1 and two["micro_batches"] == 2
+    assert two["activations_GiB"] > one["activations_GiB"] + 0.25 * one["param_GiB"]
+    with pytest.raises(InputError, match="micro_batches must be >= 1"):
+        memory_plan(config, CONFIG, mesh, micro_batches=0)
+
+
 @pytest.mark.parametrize("momentum_dtype, muon_bytes, adam_bytes", [
     ("float32", 4, 4 + 4), ("bfloat16", 2, 2 + 4)])  # AdamW's second moment stays float32
 def test_memory_plan_counts_the_optimizer_state_in_its_dtypes(momentum_dtype, muon_bytes,

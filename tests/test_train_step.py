@@ -136,3 +136,22 @@ def test_mtp_loss_on_a_model_without_mtp_says_so():
     step = make_train_step(graphdef, optax.sgd(0.1), StepConfig(mtp_weight=0.0), 0.1)
     _, metrics = step(state, batch)
     assert float(metrics["mtp_loss"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_grad_clip_equals_optax_clipping_chained_into_the_optimizer(setup):
+    """StepConfig.grad_clip gives the updates that chaining optax.clip_by_global_norm in front of
+    the optimizer gave, and grad_norm stays the norm before clipping."""
+    rng = np.random.default_rng(5)
+    batches = [_batch(rng, 2, 2, 16) for _ in range(2)]
+    sgd = optax.sgd(0.1)
+    clipped, m_clipped = _run(setup, sgd, batches, cfg=StepConfig(grad_clip=0.05))
+    chained, m_chained = _run(setup, optax.chain(optax.clip_by_global_norm(0.05), sgd), batches)
+    unclipped, _ = _run(setup, sgd, batches)
+    assert m_clipped[0]["grad_norm"] > 0.05  # the clip is active
+    for a, b in zip(jax.tree.leaves(m_clipped), jax.tree.leaves(m_chained)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    for a, b, c in zip(jax.tree.leaves(clipped.params), jax.tree.leaves(chained.params),
+                       jax.tree.leaves(unclipped.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(a, c) for a, c in zip(jax.tree.leaves(clipped.params),
+                                                     jax.tree.leaves(unclipped.params)))

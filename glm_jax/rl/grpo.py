@@ -24,6 +24,7 @@ from flax import nnx
 
 import numpy as np
 
+from glm_jax.optim.clipping import clip_by_global_norm
 from glm_jax.rl.objectives import AGGREGATIONS, aggregate_loss, k3_kl, token_policy_loss
 from glm_jax.train.balance import update_router_biases
 from glm_jax.train.step import TrainState, _zero_loads
@@ -39,6 +40,7 @@ class GrpoConfig:
     aggregation: str = "seq-mean-token-mean"
     kl_beta: float = 0.0  # GLM-4.5 trains without KL
     bias_rate: float = 0.0  # balance-bias updates from the step's expert loads (0 = frozen)
+    grad_clip: float = 0.0  # clip the gradients to this global norm (0: never)
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -184,7 +186,7 @@ def grpo_step(graphdef, state: TrainState, batch, rng, *, optimizer, config: Grp
                  if "moe_layers" in _zero_loads(state.buffers) else {})
     (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), micro_batches)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    grad_norm = optax.tree.norm(grads)
+    grads, grad_norm = clip_by_global_norm(grads, config.grad_clip)
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

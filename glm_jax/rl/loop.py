@@ -271,7 +271,8 @@ def grpo_config(config, problems) -> GrpoConfig:
         aggregation = "token-mean" if code else "seq-mean-token-mean"
     return GrpoConfig(eps_low=config.rl.eps_low, eps_high=config.rl.eps_high,
                       clip_c=config.rl.clip_c or None, aggregation=aggregation,
-                      kl_beta=config.rl.kl_beta, bias_rate=config.rl.bias_rate)
+                      kl_beta=config.rl.kl_beta, bias_rate=config.rl.bias_rate,
+                      grad_clip=config.grad_clip)
 
 
 class PromptStream:

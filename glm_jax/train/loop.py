@@ -43,7 +43,8 @@ def step_config(config) -> StepConfig:
         mtp_weight_switch_step=_none_if_negative(c.mtp_weight_switch_step),
         aux_weight=c.aux_weight, bias_rate=c.bias_rate,
         bias_stop_step=_none_if_negative(c.bias_stop_step), spike_factor=c.spike_factor,
-        spike_warmup_steps=c.spike_warmup_steps, loss_chunk=c.loss_chunk)
+        spike_warmup_steps=c.spike_warmup_steps, loss_chunk=c.loss_chunk,
+        grad_clip=config.grad_clip)
 
 
 def build_optimizer(config):
@@ -57,8 +58,6 @@ def build_optimizer(config):
         optimizer = muon(schedule, weight_decay=config.weight_decay,
                          head_with_adam=config.head_with_adam,
                          ns_dtype=jnp.dtype(config.muon_ns_dtype), momentum_dtype=momentum_dtype)
-    if config.grad_clip:
-        optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip), optimizer)
     return optimizer, schedule
 
 

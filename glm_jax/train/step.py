@@ -2,7 +2,7 @@
 
 Loss = next-token cross-entropy + mtp_weight * MTP cross-entropy (token after next) +
 aux_weight * sequence-wise balance loss. Gradients accumulate over micro-batches (a scan over the
-batch's leading axis). A step whose loss or gradient is not finite, or whose loss spikes above
+batch's leading axis) and are clipped to the global norm `grad_clip`. A step whose loss or gradient is not finite, or whose loss spikes above
 `spike_factor` times its running average, leaves parameters and optimizer state untouched and is
 reported as skipped. After the update, the balance biases move by the step's global expert loads.
 """
@@ -18,6 +18,7 @@ import optax
 from flax import nnx, struct
 
 from glm_jax.errors import InputError
+from glm_jax.optim.clipping import clip_by_global_norm
 from glm_jax.train.balance import bias_update_rate, max_violation, update_router_biases
 
 Batch = dict[str, jax.Array]  # input_ids, target_ids, segment_ids, positions, loss_mask: [A, B, S]
@@ -37,6 +38,7 @@ class StepConfig:
     # Vocabulary entries per chunk of the chunked cross-entropy (never the full [B, S, V] float32
     # logits, forward or backward, nor a whole gathered head); 0 = project the whole vocabulary.
     loss_chunk: int = 8192
+    grad_clip: float = 0.0  # clip the gradients to this global norm (0: never); see clipping.py
 
     @property
     def uses_mtp(self) -> bool:
@@ -195,7 +197,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         mtp = sums["mtp"] / norms["mtp_tokens"]
         aux = sums["aux"] / n_micro
         loss = ce + w_mtp * mtp + cfg.aux_weight * aux
-        grad_norm = optax.tree.norm(grads)
+        grads, grad_norm = clip_by_global_norm(grads, cfg.grad_clip)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         spike = (state.step >= cfg.spike_warmup_steps) & (ce > cfg.spike_factor * state.loss_ema)
         ok = finite & ~spike
