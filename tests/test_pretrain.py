@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,6 +18,7 @@ from flax import nnx
 from configs import pretrain_tiny
 from glm_jax import ConfigError
 from glm_jax.data import load_tokenizer
+from glm_jax.errors import CheckpointError
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.loop import load_workdir, pretrain
 
@@ -122,6 +124,33 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(full_run, tmp_path
     assert (workdir / "checkpoints" / "8.corrupt").is_dir()
     assert Checkpointer(workdir / "checkpoints").latest_step() == 8
     assert [r["loss"] for r in _losses(workdir)] == [r["loss"] for r in _losses(full_run)]
+
+
+def test_resuming_with_another_optimizer_says_so_and_keeps_the_checkpoints(full_run, tmp_path):
+    """A checkpoint of another state layout (here AdamW's moments, Muon's run wants momenta) is
+    not damaged: it is refused by name, never set aside for an older one or a fresh start."""
+    workdir = tmp_path / "run"
+    shutil.copytree(full_run, workdir)
+    config = _config(workdir, 12)
+    config.optimizer = "adamw"
+    with pytest.raises(CheckpointError, match=r"checkpoints/8 was written for another training "
+                       r"state .* entries this run needs are absent .*\.mu"):
+        pretrain(config)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "8"]
+    assert load_workdir(workdir)[0] is not None  # its weights still load
+
+
+def test_weights_of_another_layout_are_refused_not_set_aside(tmp_path):
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    checkpointer.save(3, {"params": {"w": jnp.ones(4)}, "opt": jnp.zeros(2)}, None)
+    checkpointer.wait()
+    like = {"params": {"w": jnp.zeros(4)}}
+    np.testing.assert_array_equal(checkpointer.restore_weights(3, like)["params"]["w"], 1.0)
+    with pytest.raises(CheckpointError, match=r"1 entries this run needs are absent \(e.g. "
+                       r"\['params'\]\['v'\]\)"):
+        checkpointer.restore_latest(lambda step: checkpointer.restore_weights(
+            step, {"params": {"v": jnp.zeros(4)}}))
+    assert checkpointer.latest_step() == 3 and (tmp_path / "3").is_dir()
 
 
 def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path):

@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from glm_jax.errors import CheckpointError
+
 
 def flatten_state(tree) -> dict[str, jax.Array]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -52,6 +54,7 @@ class Checkpointer:
 
     def restore(self, step: int, state_like, *, with_data: bool = True):
         """-> (state shaped and sharded like `state_like`, data iterator state or None)."""
+        self._check_layout(step, flatten_state(state_like), exact=True)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flatten_state(state_like))
         args = {"state": ocp.args.StandardRestore(abstract)}
         if with_data:
@@ -66,6 +69,8 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 return step, restore(step)
+            except CheckpointError:  # readable, but another run's layout: the user must decide
+                raise
             except Exception as e:  # orbax raises many kinds; the root cause is what matters
                 logging.warning("checkpoint %s unreadable (%s); falling back to the previous one",
                                 self.directory / str(step), _root_cause(e))
@@ -76,6 +81,7 @@ class Checkpointer:
         """Restores only the entries of `weights_like` (e.g. a TrainState whose opt_state is
         None: params and balance biases), leaving the optimizer state on disk unread."""
         flat = flatten_state(weights_like)
+        self._check_layout(step, flat, exact=False)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat)
         manager = ocp.CheckpointManager(self.directory)  # no handler bound yet: partial restore
         try:
@@ -86,6 +92,25 @@ class Checkpointer:
         finally:
             manager.close()
         return unflatten_like(weights_like, restored["state"])
+
+    def _check_layout(self, step: int, flat: dict, *, exact: bool) -> None:
+        """Raises CheckpointError when checkpoint `step` holds a different set of state entries
+        than `flat` wants (every one of them, and no other when `exact`): a run of another
+        configuration or version wrote it. Not a damaged file, so `restore_latest` neither sets
+        it aside nor falls back to an older one."""
+        metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+        saved = set(metadata.item_metadata.keys())
+        missing = sorted(set(flat) - saved)
+        extra = sorted(saved - set(flat)) if exact else []
+        if missing or extra:
+            found = [f"{len(names)} entries {what} (e.g. {', '.join(names[:2])})"
+                     for names, what in ((missing, "this run needs are absent"),
+                                         (extra, "it holds are unknown to this run")) if names]
+            raise CheckpointError(
+                f"{self.directory / str(step)} was written for another training state (another "
+                f"optimizer, model or version): {'; '.join(found)}. Resume it with the "
+                "configuration and version that wrote it, or start a new workdir (`init` can "
+                "load its weights).")
 
     def _set_aside(self, step: int) -> None:
         path = self.directory / str(step)
