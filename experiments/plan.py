@@ -123,8 +123,8 @@ def memory_plan(config, model_cfg, mesh, *, rows_per_device: int = 1, micro_batc
     opt_state = _abstract_opt_state(optimizer, params, mesh)
     opt_bytes = _device_bytes(opt_state, [x.sharding for x in jax.tree.leaves(opt_state)])
     plan = {"mesh": dict(mesh.shape), "devices": mesh.size, "rows_per_device": rows_per_device,
-            "micro_batches": micro_batches, "seq_len": config.seq_len, "param_GiB": param_bytes / GiB,
-            "optimizer_GiB": opt_bytes / GiB}
+            "micro_batches": micro_batches, "seq_len": config.seq_len,
+            "param_GiB": param_bytes / GiB, "optimizer_GiB": opt_bytes / GiB}
     if not activations:
         return plan
     buffers = _placed(buffers, sharding.state_shardings(buffers, mesh))

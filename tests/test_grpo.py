@@ -177,7 +177,8 @@ def test_grad_clip_equals_optax_clipping_chained_into_the_optimizer(rollout):
         step = make_grpo_step(graphdef, optimizer, GrpoConfig(grad_clip=clip))
         runs[name] = step(state, batch, jax.random.key(0))
     assert float(runs["step"][1]["grad_norm"]) == float(runs["chained"][1]["grad_norm"]) > 1e-3
-    for a, b in zip(jax.tree.leaves(runs["step"][0].params), jax.tree.leaves(runs["chained"][0].params)):
+    for a, b in zip(jax.tree.leaves(runs["step"][0].params),
+                    jax.tree.leaves(runs["chained"][0].params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(a, c) for a, c in zip(jax.tree.leaves(runs["step"][0].params),
                                                      jax.tree.leaves(runs["none"][0].params)))

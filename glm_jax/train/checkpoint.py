@@ -54,8 +54,9 @@ class Checkpointer:
 
     def restore(self, step: int, state_like, *, with_data: bool = True):
         """-> (state shaped and sharded like `state_like`, data iterator state or None)."""
-        self._check_layout(step, flatten_state(state_like), exact=True)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flatten_state(state_like))
+        flat = flatten_state(state_like)
+        self._check_layout(step, flat, exact=True)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat)
         args = {"state": ocp.args.StandardRestore(abstract)}
         if with_data:
             args["data"] = ocp.args.JsonRestore()

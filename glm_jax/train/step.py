@@ -2,9 +2,10 @@
 
 Loss = next-token cross-entropy + mtp_weight * MTP cross-entropy (token after next) +
 aux_weight * sequence-wise balance loss. Gradients accumulate over micro-batches (a scan over the
-batch's leading axis) and are clipped to the global norm `grad_clip`. A step whose loss or gradient is not finite, or whose loss spikes above
-`spike_factor` times its running average, leaves parameters and optimizer state untouched and is
-reported as skipped. After the update, the balance biases move by the step's global expert loads.
+batch's leading axis) and are clipped to the global norm `grad_clip`. A step whose loss or
+gradient is not finite, or whose loss spikes above `spike_factor` times its running average,
+leaves parameters and optimizer state untouched and is reported as skipped. After the update,
+the balance biases move by the step's global expert loads.
 """
 
 from __future__ import annotations
