@@ -118,14 +118,22 @@ def test_mesh_construction_errors():
                                                              "tensor": 1}
 
 
-def test_memory_plan_counts_shards_exactly():
+@pytest.fixture(scope="module")
+def tiny_plan():
+    """The tiny pre-training config at 32 tokens and its compiled plan on 8 data devices."""
     from configs import pretrain_tiny
-    from experiments.plan import GiB, memory_plan
+    from experiments.plan import memory_plan
 
     config = pretrain_tiny.get_config()
     config.seq_len = 32
+    return config, memory_plan(config, CONFIG, sharding.make_mesh({"data": 8}))
+
+
+def test_memory_plan_counts_shards_exactly(tiny_plan):
+    from experiments.plan import GiB, memory_plan
+
+    config, replicated = tiny_plan
     total = CONFIG.param_counts()["total"] * 4  # float32
-    replicated = memory_plan(config, CONFIG, sharding.make_mesh({"data": 8}))
     assert round(replicated["param_GiB"] * GiB) == total
     assert replicated["activations_GiB"] > 0
     assert "peak_GiB" not in replicated  # XLA:CPU reports no peak beyond arguments + outputs
@@ -137,16 +145,13 @@ def test_memory_plan_counts_shards_exactly():
         CONFIG.num_moe_layers + 1) / GiB
 
 
-def test_memory_plan_with_gradient_accumulation_counts_the_accumulator():
+def test_memory_plan_with_gradient_accumulation_counts_the_accumulator(tiny_plan):
     """micro_batches > 1 compiles the accumulation scan: its float32 gradient accumulator lives
     beside each micro-batch's backward, which one micro-batch never needs."""
-    from configs import pretrain_tiny
     from experiments.plan import memory_plan
 
-    config = pretrain_tiny.get_config()
-    config.seq_len = 32
+    config, one = tiny_plan
     mesh = sharding.make_mesh({"data": 8})
-    one = memory_plan(config, CONFIG, mesh)
     two = memory_plan(config, CONFIG, mesh, micro_batches=2)
     assert one["micro_batches"] == 1 and two["micro_batches"] == 2
     assert two["activations_GiB"] > one["activations_GiB"] + 0.25 * one["param_GiB"]
