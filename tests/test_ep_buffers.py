@@ -156,7 +156,23 @@ def test_expert_outputs_cross_the_mesh_in_bfloat16():
     args = _block_args(cfg, s=64)
     with jax.set_mesh(mesh):
         text = _block(cfg, mesh, grad=True).lower(*args).as_text()
-    scatters = re.findall(r"stablehlo\.reduce_scatter.*?->\s*tensor<([^>]*)>", text, re.S)
-    assert scatters and all(t.endswith("bf16") for t in scatters), scatters
+    for op in ("reduce_scatter", "all_gather"):  # token rows [.., H]; the routing is small
+        moved = re.findall(rf"stablehlo\.{op}.*?->\s*tensor<([^>]*)>", text, re.S)
+        rows = [t for t in moved if t.split("x")[-2] == str(cfg.hidden_size)]
+        assert rows and all(t.endswith("bf16") for t in rows), (op, moved)
+
+
+def test_fsdp_split_experts_are_gathered_and_reduced_in_bfloat16():
+    """Under fsdp x expert each device's experts arrive split along `embed` and are gathered
+    inside the block once cast to bfloat16; their gradients leave reduce-scattered in bfloat16
+    (half a float32 reduction's bytes). Values: tests/test_sharding.py's fsdp meshes."""
+    cfg = BLOCK.replace(dtype="bfloat16")
+    mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
+    args = _block_args(cfg, s=64)
+    with jax.set_mesh(mesh):
+        text = _block(cfg, mesh, grad=True).lower(*args).as_text()
+    e, h, f = cfg.n_routed_experts // 4, cfg.hidden_size, cfg.moe_intermediate_size
     gathers = re.findall(r"stablehlo\.all_gather.*?->\s*tensor<([^>]*)>", text, re.S)
-    assert gathers and all(t.endswith("bf16") for t in gathers), gathers
+    assert {f"{e}x{h}x{f}xbf16", f"{e}x{f}x{h}xbf16"} <= set(gathers), gathers
+    scatters = re.findall(r"stablehlo\.reduce_scatter.*?->\s*tensor<([^>]*)>", text, re.S)
+    assert {f"{e}x{h // 2}x{f}xbf16", f"{e}x{f}x{h // 2}xbf16"} <= set(scatters), scatters

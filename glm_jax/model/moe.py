@@ -9,6 +9,7 @@ through all T*k copies; copies past the buffer go through further passes of the 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 import kernels
 from glm_jax.config import ModelConfig
 from glm_jax.model.layers import MLP, normal_param
+from glm_jax.sharding import logical_spec
 
 # Expert parallelism: each device's dispatch buffer holds ceil(cfg.ep_capacity_factor * T*k /
 # n_expert) sorted local copies (rounded up to a multiple of _CAPACITY_MULTIPLE), T*k being the
@@ -114,6 +116,28 @@ def _sort_local(expert_ids, weights, first_expert, num_local):
     return perm, jnp.where(here, weights, 0.0)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _weighted_rows(y, w, dtype):
+    """(y [C, H] * w [C] in float32) in `dtype`. Its backward keeps y as it came (16-bit) for
+    w's gradient, not the float32 copy that autodiff of the product would store ([C, H]: 0.8
+    GiB a dispatch pass for GLM-4.5 at 4,096 tokens x 8 expert devices)."""
+    return (y.astype(jnp.float32) * w[:, None]).astype(dtype)
+
+
+def _weighted_rows_fwd(y, w, dtype):
+    return _weighted_rows(y, w, dtype), (y, w)
+
+
+def _weighted_rows_bwd(dtype, res, ct):
+    y, w = res
+    ct = ct.astype(jnp.float32)
+    return ((ct * w[:, None]).astype(y.dtype),
+            jnp.sum(ct * y.astype(jnp.float32), axis=-1).astype(w.dtype))
+
+
+_weighted_rows.defvjp(_weighted_rows_fwd, _weighted_rows_bwd)
+
+
 def ep_capacity(num_copies: int, n_expert: int, capacity_factor: float) -> int:
     """Rows of one dispatch pass: ceil(capacity_factor * num_copies / n_expert), rounded up to a
     multiple of 8, at most num_copies (then one pass holds every copy)."""
@@ -124,23 +148,25 @@ def ep_capacity(num_copies: int, n_expert: int, capacity_factor: float) -> int:
     return max(1, min(rows, num_copies))
 
 
-def routed_experts_buffered(x_th, router, bias, gate, up, down, cfg: ModelConfig, first_expert,
-                            replay_ids=None, *, capacity: int):
-    """`routed_experts` with the dispatch memory bounded by `capacity` rows, still dropless.
+def routed_experts_buffered(x_th, weights, expert_ids, gate, up, down, cfg: ModelConfig,
+                            first_expert, *, capacity: int):
+    """The routed experts of tokens already routed (`weights`, `expert_ids` [T, k], as `_route`
+    gives them), with the dispatch memory bounded by `capacity` rows, still dropless.
 
     The copies routed to the experts held here are sorted by expert (`kernels.sort_by_expert`;
     the others sort past them and are never gathered). Pass p runs the sorted local rows
     [p C, (p + 1) C) through the grouped matmuls as one [C, H] buffer (each expert's group
-    clipped to the window) and scatter-adds the weighted results into out [T, H] float32.
+    clipped to the window) and scatter-adds the weighted results into out [T, H], in the
+    dtype of `x_th` (as transformers combines its experts: in the hidden dtype; the expert
+    parallel combine that follows sums in the compute dtype anyway).
     There are ceil(T*k / C) passes, enough for every copy even when all of them are local.
     Pass 0 always runs and keeps its activations for the backward (C rows). The overflow
     passes run in a `lax.scan`, each under `lax.cond` (skipped once the local rows are used up)
     inside `jax.checkpoint`: the backward stores only their [C] indices and weights and
     recomputes a pass's activations when it needs them, so no buffer of more than C rows is
-    ever live, forward or backward. -> as `routed_experts`."""
+    ever live, forward or backward. -> out [T, H] in `x_th`'s dtype."""
     t, h = x_th.shape
     k = cfg.num_experts_per_tok
-    logits, weights, expert_ids, tokens_per_expert = _route(x_th, router, bias, cfg, replay_ids)
     num_local = gate.shape[0]
     perm, local_weights = _sort_local(expert_ids, weights, first_expert, num_local)
     n = t * k
@@ -159,19 +185,19 @@ def routed_experts_buffered(x_th, router, bias, gate, up, down, cfg: ModelConfig
         return (lax.dynamic_slice_in_dim(token_index, lo, capacity),
                 lax.dynamic_slice_in_dim(w_sorted, lo, capacity), gs.astype(jnp.int32))
 
-    def run_pass(x, tok, w_row, gs, gate, up, down):  # -> [C, H] float32, weighted
+    def run_pass(x, tok, w_row, gs, gate, up, down):  # -> [C, H] weighted, in x's dtype
         y = swiglu_experts(x[tok], gs, gate, up, down, cfg.jnp_dtype)  # rows past sum(gs): 0
-        return y.astype(jnp.float32) * w_row[:, None]
+        return _weighted_rows(y, w_row, x.dtype)
 
     def skip(x, tok, w_row, gs, gate, up, down):
-        return jnp.zeros((capacity, h), jnp.float32)
+        return jnp.zeros((capacity, h), x.dtype)
 
     @jax.checkpoint
     def overflow_pass(busy, x, tok, w_row, gs, gate, up, down):
         return lax.cond(busy, run_pass, skip, x, tok, w_row, gs, gate, up, down)
 
     tok, w_row, gs = window(0)
-    out = jnp.zeros((t, h), jnp.float32).at[tok].add(run_pass(x, tok, w_row, gs, gate, up, down))
+    out = jnp.zeros((t, h), x.dtype).at[tok].add(run_pass(x, tok, w_row, gs, gate, up, down))
     if passes > 1:
         def step(out, p):
             tok, w_row, gs = window(p)
@@ -179,7 +205,7 @@ def routed_experts_buffered(x_th, router, bias, gate, up, down, cfg: ModelConfig
             return out.at[tok].add(y), None
 
         out, _ = lax.scan(step, out, jnp.arange(1, passes, dtype=jnp.int32))
-    return out, logits, expert_ids, tokens_per_expert
+    return out
 
 
 class MoE(nnx.Module):
@@ -219,58 +245,73 @@ def _moe_local(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg):
 
 def _moe_sharded(x_bsh, router, bias, gate, up, down, replay_ids, *, cfg, mesh):
     """Expert parallelism with shard_map: each device holds E / n_expert experts (and a 1 /
-    n_tensor slice of their width). Tokens, split over the data axes, are all-gathered along
-    `expert`, each device runs the copies routed to its own experts through a buffer of
-    `ep_capacity` rows (`routed_experts_buffered`: further passes for any overflow, so
-    dropless), and a reduce-scatter along `expert` (plus a sum over `tensor`), in the compute
-    dtype when that is 16-bit, returns every token's combined output to its owner. Expert loads
-    are summed over the mesh. The buffer holds `cfg.ep_capacity_factor` x the balanced share."""
+    n_tensor slice of their width). Each device routes its own tokens (split over the data
+    axes); tokens and their routing are all-gathered along `expert`, each device runs the
+    copies routed to its own experts through a buffer of `ep_capacity` rows
+    (`routed_experts_buffered`: further passes for any overflow, so dropless), and a
+    reduce-scatter along `expert` (plus a sum over `tensor`), in the compute dtype when that is
+    16-bit, returns every token's combined output to its owner. Expert loads are summed over
+    the mesh. The buffer holds `cfg.ep_capacity_factor` x the balanced share. Expert weights
+    split along `embed` (FSDP) are gathered inside, once cast to the compute dtype, and their
+    gradients reduce-scattered there in that dtype."""
     n_expert, n_tensor = mesh.shape.get("expert", 1), mesh.shape.get("tensor", 1)
     data_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
     batch_axes = data_axes + (("expert",) if n_expert > 1 else ())
     b, s, h = x_bsh.shape
+    k = cfg.num_experts_per_tok
     n_batch = math.prod(mesh.shape[a] for a in batch_axes)
     tokens_split = b % n_batch == 0  # else (e.g. decoding one sequence) every device sees all
     x_spec = P(batch_axes if tokens_split else None, None, None)
     expert_axis = "expert" if n_expert > 1 else None
     tensor_axis = "tensor" if n_tensor > 1 else None
+    gather_tokens = tokens_split and expert_axis is not None
     comm_dtype = cfg.jnp_dtype if jnp.dtype(cfg.jnp_dtype).itemsize < 4 else jnp.float32
+
+    # The experts' FSDP split of `embed` (as `sharding.RULES` stores them) enters the shard_map
+    # as it is, and each layer gathers it inside, in the compute dtype: the backward then
+    # reduce-scatters the weight gradients in that dtype, and no compiler is left to choose a
+    # layout for a gather of the whole stacked parameter.
+    embed_axes = logical_spec(("experts", "embed", "expert_mlp"), gate.shape, mesh)[1]
+
+    def gather_embed(w, axis):
+        return w if embed_axes is None else jax.lax.all_gather(w, embed_axes, axis=axis,
+                                                               tiled=True)
+
+    def gather_expert(a):  # the expert group's tokens (or their routing), in order
+        return jax.lax.all_gather(a, expert_axis, axis=0, tiled=True) if gather_tokens else a
 
     def local(x, router, bias, gate, up, down, replay):
         own = x.shape[0]
-        x = x.astype(comm_dtype)  # gathered in the compute dtype when it is 16-bit
-        if tokens_split and expert_axis:
-            x = jax.lax.all_gather(x, expert_axis, axis=0, tiled=True)
-            if replay is not None:
-                replay = jax.lax.all_gather(replay, expert_axis, axis=0, tiled=True)
-        bl = x.shape[0]
+        gate, up, down = gather_embed(gate, 1), gather_embed(up, 1), gather_embed(down, 2)
+        # Routing first, on this device's own rows only (the router's float32 product
+        # included), then the routing is gathered with the tokens.
+        replay = None if replay is None else replay.reshape(own * s, k)
+        logits, weights, ids, counts = _route(x.reshape(own * s, h), router, bias, cfg, replay)
+        aux = sequence_aux_loss(logits.reshape(own, s, -1), ids.reshape(own, s, k))
+        xs = gather_expert(x.astype(comm_dtype))  # in the compute dtype when it is 16-bit
+        bl = xs.shape[0]
         first = jax.lax.axis_index(expert_axis) * gate.shape[0] if expert_axis else 0
-        capacity = ep_capacity(bl * s * cfg.num_experts_per_tok, n_expert, cfg.ep_capacity_factor)
-        out, logits, ids, counts = routed_experts_buffered(
-            x.reshape(bl * s, h), router, bias, gate, up, down, cfg, first,
-            None if replay is None else replay.reshape(bl * s, -1), capacity=capacity)
+        capacity = ep_capacity(bl * s * k, n_expert, cfg.ep_capacity_factor)
+        out = routed_experts_buffered(xs.reshape(bl * s, h), gather_expert(weights),
+                                      gather_expert(ids), gate, up, down, cfg, first,
+                                      capacity=capacity)
         # The collectives below move the compute dtype when it is 16-bit, not float32.
         out = out.reshape(bl, s, h).astype(comm_dtype)
-        ids = ids.reshape(bl, s, -1)
-        own_ids = ids
-        if tokens_split and expert_axis:  # this device's own tokens, as it received them
-            own_ids = jax.lax.dynamic_slice_in_dim(
-                ids, jax.lax.axis_index(expert_axis) * own, own, axis=0)
         if tensor_axis:
             out = jax.lax.psum(out, tensor_axis)
         if expert_axis:
             out = (jax.lax.psum_scatter(out, expert_axis, scatter_dimension=0, tiled=True)
                    if tokens_split else jax.lax.psum(out, expert_axis))
-        aux = sequence_aux_loss(logits.reshape(bl, s, -1), ids)
-        if tokens_split and data_axes:
-            counts = jax.lax.psum(counts, data_axes)
-            aux = jax.lax.pmean(aux, data_axes)
-        return out.astype(x_bsh.dtype), counts, aux, own_ids
+        if tokens_split and batch_axes:
+            counts = jax.lax.psum(counts, batch_axes)
+            aux = jax.lax.pmean(aux, batch_axes)
+        return out.astype(x_bsh.dtype), counts, aux, ids.reshape(own, s, k)
 
-    weight_spec = P(expert_axis, None, tensor_axis)
+    weight_spec = P(expert_axis, embed_axes, tensor_axis)
     out, counts, aux, ids = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(x_spec, P(), P(), weight_spec, weight_spec, P(expert_axis, tensor_axis, None),
+        in_specs=(x_spec, P(), P(), weight_spec, weight_spec,
+                  P(expert_axis, tensor_axis, embed_axes),
                   P() if replay_ids is None else x_spec),
         out_specs=(x_spec, P(), P(), x_spec), check_vma=False,
     )(x_bsh, router, bias, *(w.astype(cfg.jnp_dtype) for w in (gate, up, down)), replay_ids)
