@@ -167,6 +167,20 @@ def test_expert_gradients_come_back_in_bfloat16_and_change_no_number(model, monk
     chex.assert_trees_all_equal(nnx.state(grads), nnx.state(ref_grads))
 
 
+def test_mtp_cotangents_handed_back_together_change_no_gradient(model, monkeypatch):
+    """The MTP layer's backward returns its weights' and its input's cotangents through one
+    optimisation barrier (so a compiler cannot defer the weight gradients past the main
+    backward): the loss and every gradient equal those without it."""
+    from glm_jax.model import transformer
+
+    ids = _ids(11, (2, 16))
+    loss, grads = nnx.jit(nnx.value_and_grad(_loss_with_mtp))(model, ids)
+    monkeypatch.setattr(transformer, "_cotangents_together", lambda fn: fn)
+    ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(_loss_with_mtp))(model, ids)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    chex.assert_trees_all_close(nnx.state(grads), nnx.state(ref_grads), rtol=1e-5, atol=1e-7)
+
+
 def test_forward_keeps_no_cast_copy_of_the_expert_stacks():
     """XLA's temporaries of a bfloat16 forward stay below the bfloat16 size of the stacked
     experts (measured 2026-12-07: 29 MiB, against 149 MiB when the stacks entered the scan

@@ -134,6 +134,25 @@ def _through_ports(state, ports, dtype):
     return jax.tree.unflatten(treedef, leaves)
 
 
+def _cotangents_together(fn):
+    """`fn(state, x)` whose backward hands back its weights' cotangents and x's at once, so a
+    compiler cannot defer the weight gradients (and keep the buffers they read alive) until
+    after the backward of whatever produced x."""
+    @jax.custom_vjp
+    def run(state, x):
+        return fn(state, x)
+
+    def run_fwd(state, x):
+        out, vjp = jax.vjp(fn, state, x)
+        return out, vjp
+
+    def run_bwd(vjp, ct):
+        return jax.lax.optimization_barrier(vjp(ct))
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
 def scan_layers(layers, x, cos, sin, mask, remat: str, cache=None, replay_ids=None,
                 unroll: bool = False, segment_ids=None, compute_dtype=jnp.float32):
     """Runs stacked layers with lax.scan -> (x, per-layer stats, per-layer (k, v) or None),
@@ -196,8 +215,9 @@ class MultiTokenPredictor(nnx.Module):
         x = self.eh_proj(jnp.concatenate([e, self.hnorm(hidden).astype(e.dtype)], axis=-1))
         graphdef, state = nnx.split(self.layer)
         layer = rematerialised(
-            lambda state, *args: nnx.merge(graphdef, state)(*args), remat)
-        x, stats, kv = layer(state, x, cos, sin, mask, cache, None, segment_ids)
+            lambda state, x: nnx.merge(graphdef, state)(x, cos, sin, mask, cache, None,
+                                                        segment_ids), remat)
+        x, stats, kv = _cotangents_together(layer)(state, x)
         return self.shared_head.norm(x), stats, kv
 
 
