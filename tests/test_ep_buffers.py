@@ -176,3 +176,17 @@ def test_fsdp_split_experts_are_gathered_and_reduced_in_bfloat16():
     assert {f"{e}x{h}x{f}xbf16", f"{e}x{f}x{h}xbf16"} <= set(gathers), gathers
     scatters = re.findall(r"stablehlo\.reduce_scatter.*?->\s*tensor<([^>]*)>", text, re.S)
     assert {f"{e}x{h // 2}x{f}xbf16", f"{e}x{f}x{h // 2}xbf16"} <= set(scatters), scatters
+
+
+def test_each_device_routes_only_its_own_tokens():
+    """The router's float32 product is taken over a device's own rows (512 here), then the
+    routing is gathered with the tokens: no device routes the expert group's 4,096 gathered
+    rows (8x the work, and a float32 copy of all of them)."""
+    mesh = sharding.make_mesh({"expert": 8})
+    args = _block_args(BLOCK)  # 8 x 512 tokens, one row per device
+    with jax.set_mesh(mesh):
+        text = _block(BLOCK, mesh, grad=False).lower(*args).as_text()
+    e = BLOCK.n_routed_experts
+    products = re.findall(r"stablehlo\.dot_general.*?->\s*tensor<(\d+)x" + str(e) + r"xf32>",
+                          text)
+    assert products and set(products) == {"512"}, products

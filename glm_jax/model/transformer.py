@@ -8,7 +8,6 @@ Layers of each kind are stored stacked (a leading layer axis on every parameter)
 from __future__ import annotations
 
 import functools
-
 from typing import NamedTuple
 
 import chex
@@ -143,8 +142,7 @@ def _cotangents_together(fn):
         return fn(state, x)
 
     def run_fwd(state, x):
-        out, vjp = jax.vjp(fn, state, x)
-        return out, vjp
+        return jax.vjp(fn, state, x)  # (output, the vjp as residual)
 
     def run_bwd(vjp, ct):
         return jax.lax.optimization_barrier(vjp(ct))
