@@ -1,6 +1,7 @@
 """Tests for kernels/: grouped matmul, routing and expert permutation (reference backends)."""
 
 import re
+from functools import partial
 
 import chex
 import jax
@@ -113,6 +114,24 @@ def test_reference_schedules_over_random_group_sizes(rng, visits_per_step):
         gs = jnp.asarray(sizes, jnp.int32)
         np.testing.assert_allclose(fwd(x, w, gs), _naive_gmm(x, w, sizes), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(bwd(x, dy, gs), _naive_tgmm(x, dy, sizes), rtol=1e-5, atol=1e-5)
+
+
+def test_tgmm_bfloat16_output_is_rounded_once_and_needs_no_float32_accumulator(rng):
+    """A group spanning many tiles sums in float32 and is rounded to bfloat16 once (the same
+    bits as the float32 result cast), and no float32 [G, K, N] is ever allocated."""
+    g, k, n = 16, 256, 256
+    sizes = jnp.asarray([0, 40, 3, 0, 200, 1, 9, 0, 17, 60, 5, 0, 2, 33, 11, 131], jnp.int32)
+    x = _normal(rng, (512, k)).astype(jnp.bfloat16)
+    dy = _normal(rng, (512, n)).astype(jnp.bfloat16)
+    tgmm = jax.jit(partial(gmm_ref.tgmm, tile_m=32), static_argnames="preferred_element_type")
+    out16 = tgmm(x, dy, sizes, preferred_element_type=jnp.bfloat16)
+    out32 = tgmm(x, dy, sizes, preferred_element_type=jnp.float32)
+    chex.assert_type(out16, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(out16, np.float32),
+                                  np.asarray(out32.astype(jnp.bfloat16), np.float32))
+    temp = tgmm.lower(x, dy, sizes, preferred_element_type=jnp.bfloat16).compile() \
+        .memory_analysis().temp_size_in_bytes
+    assert temp < g * k * n * 4 / 2, temp  # a float32 [G, K, N] accumulator is g * k * n * 4
 
 
 def test_tgmm_matches_ragged_dot_general(rng):
