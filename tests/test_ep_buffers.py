@@ -133,7 +133,9 @@ def test_dispatch_temporaries_are_bounded_by_the_buffer():
     """Capacity factor 8 on an expert=8 mesh is a buffer of all T*k copies (the old design's
     footprint); the default 2.0 holds a quarter of them. Measured 2026-12-03 (MiB, per
     device): forward 32.5 vs 100.5 (HEAD's all-copies design) ; forward+backward 168.5 vs 270.1
-    (HEAD) / 326.4 (capacity 8). Generous bounds: no timing, only XLA's buffer assignment."""
+    (HEAD) / 326.4 (capacity 8). With pass 0's backward ordered before the overflow passes'
+    (2026-12-07): forward+backward 168.0 -> 94.4 at 2.0, 325.8 -> 293.8 at 8.0.
+    Generous bounds: no timing, only XLA's buffer assignment."""
     mesh = sharding.make_mesh({"expert": 8})
     args = _block_args(BLOCK)
     copies = 8 * 512 * BLOCK.num_experts_per_tok
@@ -144,10 +146,14 @@ def test_dispatch_temporaries_are_bounded_by_the_buffer():
                 .memory_analysis().temp_size_in_bytes
                 for cf in (8.0, 2.0) for grad in (False, True)}
     assert temp[2.0, False] < 0.5 * temp[8.0, False], temp
-    assert temp[2.0, True] < 0.7 * temp[8.0, True], temp
+    # Pass 0's activations are freed before an overflow pass is recomputed, and the overflow
+    # gradients add into pass 0's: 0.32x (0.52x when autodiff ordered the passes).
+    assert temp[2.0, True] < 0.45 * temp[8.0, True], temp
     # A buffer of C rows: the forward's temporaries stay within a few [C, H] float32 buffers.
     c_rows_bytes = moe.ep_capacity(copies, 8, 2.0) * BLOCK.hidden_size * 4
     assert temp[2.0, False] < 8 * c_rows_bytes, temp
+    # ... and the backward's within 16 (94.4 MiB = 11.8 of them; 168.0 = 21 before).
+    assert temp[2.0, True] < 16 * c_rows_bytes, temp
 
 
 def test_expert_outputs_cross_the_mesh_in_bfloat16():
